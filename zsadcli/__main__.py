@@ -1,0 +1,3 @@
+from zsadcli.cli import main
+
+main()

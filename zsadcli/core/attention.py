@@ -1,0 +1,75 @@
+"""Alternate attention paths run beside frozen CLIP blocks ("dual path").
+
+Several methods keep the original CLIP forward intact and, from some block on, also carry a
+second residual stream whose attention is replaced:
+- AnomalyCLIP's DPAM / CLIP-Surgery's v-v attention: softmax(V V^T * s) V, no MLP on that path;
+- Crane's E-Attn and CLIP-AD's staged surgery are further `AltAttention`s on the same mechanism.
+The alternate path always reads the *original* stream's LayerNorm output, reuses the block's
+own qkv and output projections, and adds its attention to its own residual stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)
+AltAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def vv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """V-V self-attention (q = k = v), scaled by head_dim^-1/2 like the original path."""
+    return F.scaled_dot_product_attention(v, v, v)
+
+
+ALT_ATTENTIONS: dict[str, AltAttention] = {"vv": vv_attention}
+
+
+@dataclass(frozen=True)
+class DualPath:
+    """Run ``attention`` as a second path in every block from ``start`` (1-based) on."""
+
+    start: int
+    attention: str = "vv"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ALT_ATTENTIONS:
+            raise ValueError(f"unknown alternate attention {self.attention!r}")
+
+
+def split_qkv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's fused in-projection, split into heads: 3 x (B, heads, N, head_dim)."""
+    attn: nn.MultiheadAttention = block.attn
+    batch, tokens, width = h.shape
+    heads = attn.num_heads
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    qkv = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
+def dual_block(block: nn.Module, x: torch.Tensor, alt: torch.Tensor | None,
+               path: DualPath) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of the dual path: (original stream, alternate stream) -> next of both.
+
+    Original: x + Attn(LN1(x)), then + MLP(LN2(.)) — the frozen block unchanged.
+    Alternate: alt + AltAttn(LN1(x)) with alt = x at the first dual block; no MLP.
+    qkv and the output projection are computed once for both paths.
+    """
+    q, k, v = split_qkv(block, block.ln_1(x))
+    original = F.scaled_dot_product_attention(q, k, v)
+    alternate = ALT_ATTENTIONS[path.attention](q, k, v)
+    out_proj = block.attn.out_proj
+    both = F.linear(merge_heads(torch.cat([original, alternate])), out_proj.weight, out_proj.bias)
+    original_out, alternate_out = both.chunk(2)
+    x_next = x + block.ls_1(original_out)
+    x_next = x_next + block.ls_2(block.mlp(block.ln_2(x_next)))
+    alt_next = (x if alt is None else alt) + block.ls_1(alternate_out)
+    return x_next, alt_next
