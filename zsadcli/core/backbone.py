@@ -10,6 +10,7 @@ tower is open_clip's ``encode_text`` operation for operation.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         elif _is_torchscript(path):
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch>=2.9 flags jit as deprecated; the OpenAI file is one
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except BadInput:
@@ -125,7 +128,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
-        if key in _OPENAI_EXTRA_KEYS or not isinstance(value, torch.Tensor):
+        # the causal mask is rebuilt, never loaded (scripted open_clip models serialise it)
+        if key in _OPENAI_EXTRA_KEYS or key.endswith("attn_mask") or not isinstance(value, torch.Tensor):
             continue
         out[key] = value.float() if value.is_floating_point() else value
     return out
@@ -179,6 +183,11 @@ class ClipBackbone(nn.Module):
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not getattr(clip.visual.transformer, "batch_first", True):
             raise BadInput("this open_clip build runs sequence-first transformers; zsad needs open_clip >= 2.21")
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ClipBackbone":
+        """The backbone is frozen: it stays in eval mode when a method trains its own parts."""
+        return super().train(False)
 
     # ------------------------------------------------------------------ vision
     @property

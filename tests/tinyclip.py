@@ -1,0 +1,63 @@
+"""A tiny, seeded CLIP ViT that tests build instead of downloading real weights.
+
+Vision: 24 blocks (so methods can tap block 24 exactly as with ViT-L/14), width 128 (2 heads),
+patch 14, native 224 px. Text: 12 blocks, width 64, context 77, the real CLIP vocabulary size
+(so the real tokenizer works). Everything is fast on 2 CPU cores at 56-112 px.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+TINY_REPO = "zsad-test/tiny-clip"
+TINY_FILE = "tiny_clip.safetensors"
+TINY_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def build_tiny_open_clip(seed: int = 0, quick_gelu: bool = True):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(32, CLIPVisionCfg(layers=24, width=128, patch_size=14, image_size=224),
+                 CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=12),
+                 quick_gelu=quick_gelu)
+    # open_clip initialises the text and vision projections but leaves some tensors at
+    # constant values; randomise everything so no test passes by symmetry.
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("logit_scale"):
+                continue
+            if tensor.ndim == 1 and ("ln" in name or "norm" in name):
+                tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor) if name.endswith("weight")
+                             else 0.1 * torch.randn_like(tensor))
+            elif tensor.ndim == 1:
+                tensor.copy_(0.02 * torch.randn_like(tensor))
+    return model.eval().requires_grad_(False)
+
+
+def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {k: v.clone().contiguous() for k, v in build_tiny_open_clip(seed).state_dict().items()}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def install_in_hf_cache(hub_cache: Path, repo_id: str, filename: str, revision: str, payload: Path) -> Path:
+    """Place ``payload`` exactly where huggingface_hub puts a downloaded LFS file."""
+    repo_dir = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    digest = sha256_of(payload)
+    blob = repo_dir / "blobs" / digest
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(payload.read_bytes())
+    link = repo_dir / "snapshots" / revision / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return link
