@@ -63,3 +63,39 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
 
         resolve_device(device)  # an absent device is a usage error before any work starts
     return merged
+
+
+# ---------------------------------------------------------------- method selection (predict/eval/train/ablate)
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method name (e.g. anomalyclip).")]
+CheckpointOpt = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help="Prompt/adapter weights: a zsad .safetensors or the authors' released .pth.",
+    show_default=False)]
+TrainOnOpt = Annotated[Optional[str], typer.Option(
+    "--train-on", help="Use the authors' released weights trained on this dataset (e.g. mvtec, visa).",
+    show_default=False)]
+BackboneOpt = Annotated[Optional[str], typer.Option(
+    "--backbone", help="Backbone: a weights.yaml key or hf-hub:org/name[@rev] (default: the method's).",
+    show_default=False)]
+BackboneFileOpt = Annotated[Optional[str], typer.Option(
+    "--backbone-file", help="Local CLIP weights (OpenAI .pt, open_clip .bin/.safetensors); shapes decide the "
+                            "architecture.", show_default=False)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(
+    "--image-size", help="Input size in pixels (default: the method's, e.g. 518).", show_default=False)]
+AblateOpt = Annotated[Optional[list[str]], typer.Option(
+    "--ablate", help="Turn a module off (repeatable; see `zsad ablate --method M --list`).", show_default=False)]
+
+
+def method_spec(opts: GlobalOptions, *, method: str, checkpoint: Optional[str] = None, train_on: Optional[str] = None,
+                backbone: Optional[str] = None, backbone_file: Optional[str] = None, image_size: Optional[int] = None,
+                ablate: Optional[list[str]] = None, require_weights: bool = True):
+    """A MethodSpec from command-line options, with device and precision resolved."""
+    from zsadcli.core.devices import resolve_device, resolve_precision
+    from zsadcli.core.engine import MethodSpec
+
+    if checkpoint and train_on:
+        raise typer.BadParameter("give --checkpoint or --train-on, not both")
+    device = resolve_device(opts.device)
+    return MethodSpec(method=method, backbone=backbone, backbone_file=backbone_file, checkpoint=checkpoint,
+                      train_on=train_on, image_size=image_size, ablate=frozenset(ablate or ()),
+                      device=device, dtype=resolve_precision(opts.precision, device),
+                      require_weights=require_weights)

@@ -1,15 +1,103 @@
 """`zsad predict`: anomaly heatmaps and scores for images."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
 import typer
 
-from zsadcli.errors import NotAvailableYet
+from zsadcli.atomic import atomic_path, refuse_overwrite
+from zsadcli.commands.common import (AblateOpt, BackboneFileOpt, BackboneOpt, CheckpointOpt, DeviceOpt, ImageSizeOpt,
+                                     JsonOpt, MethodOpt, PrecisionOpt, QuietOpt, TrainOnOpt, merge_options,
+                                     method_spec)
+from zsadcli.console import emit_json, log
+from zsadcli.errors import BadInput
 
 
-def predict(ctx: typer.Context) -> None:
-    """Write heatmap overlay PNGs and image scores for images, folders or globs.
+def predict(
+    ctx: typer.Context,
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    method: MethodOpt = "anomalyclip",
+    checkpoint: CheckpointOpt = None,
+    train_on: TrainOnOpt = None,
+    backbone: BackboneOpt = None,
+    backbone_file: BackboneFileOpt = None,
+    image_size: ImageSizeOpt = None,
+    ablate: AblateOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Overlay PNG for a single image.",
+                                                show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for one overlay PNG per image.",
+                                                    show_default=False)] = None,
+    save_raw: Annotated[Optional[Path], typer.Option(
+        "--save-raw", help="Folder for DIR/<stem>.npy: the final map (float32, size x size) eval scores.",
+        show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Image-score threshold: adds the label (anomalous if score >= T).",
+        show_default=False)] = None,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", help="Heatmap colour scale: fixed (the map's own probability scale) or image (min-max).")
+    ] = "fixed",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score images and write heatmap overlays (PNG), raw maps (.npy) and/or JSON lines.
 
-    Not available in this version yet: it arrives with the first method (AnomalyCLIP).
+    Examples: `zsad predict part.png --method anomalyclip --train-on mvtec --out heat.png`;
+    `zsad predict 'shots/*.jpg' --checkpoint runs/train/x/epoch_15.safetensors --out-dir heat/ --json`.
     """
-    raise NotAvailableYet("`zsad predict` is not available yet in this version.",
-                          hint="see README.md for what works today")
+    from zsadcli.core.engine import build_method, expand_inputs, predict_paths
+    from zsadcli.core.heatmap import render_overlay
+
+    opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
+    if normalize not in ("fixed", "image"):
+        raise BadInput(f"--normalize {normalize!r}: use fixed or image.")
+    if out and out_dir:
+        raise BadInput("give --out (one image) or --out-dir (many), not both.")
+    if batch_size < 1:
+        raise BadInput("--batch-size must be at least 1.")
+    paths = expand_inputs(inputs)
+    if out and len(paths) != 1:
+        raise BadInput(f"--out names one file but {len(paths)} images were given.", hint="use --out-dir DIR")
+    if out and out.suffix.lower() != ".png":
+        raise BadInput(f"--out {out}: the overlay is written as PNG; name it *.png.")
+    stems = [p.stem for p in paths]
+    if (out_dir or save_raw) and len(set(stems)) != len(stems):
+        raise BadInput("two inputs share a file name stem; outputs would collide.", hint="predict them separately")
+    targets = {p: {"heatmap": out if out else (out_dir / f"{p.stem}.png" if out_dir else None),
+                   "raw": save_raw / f"{p.stem}.npy" if save_raw else None} for p in paths}
+    for files in targets.values():
+        for kind, target in files.items():
+            if target is not None:
+                refuse_overwrite(target, force, "output file")
+
+    built = build_method(method_spec(opts, method=method, checkpoint=checkpoint, train_on=train_on, backbone=backbone,
+                                     backbone_file=backbone_file, image_size=image_size, ablate=ablate))
+    value_range = built.method.map_range
+    for prediction in predict_paths(built.method, paths, batch_size):
+        files = targets[prediction.path]
+        record = {"path": str(prediction.path), "image_score": prediction.image_score,
+                  "map_max": float(prediction.anomaly_map.max())}
+        if threshold is not None:
+            record["label"] = "anomalous" if prediction.image_score >= threshold else "normal"
+        if files["heatmap"] is not None:
+            overlay = render_overlay(prediction.image, prediction.anomaly_map, score=prediction.image_score,
+                                     normalize=normalize, value_range=value_range, threshold=threshold)
+            with atomic_path(files["heatmap"]) as tmp:
+                overlay.save(tmp, format="PNG")
+            record["heatmap"] = str(files["heatmap"])
+        if files["raw"] is not None:
+            with atomic_path(files["raw"]) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, prediction.anomaly_map.astype(np.float32))
+            record["raw"] = str(files["raw"])
+        if opts.json:
+            emit_json(record, compact=True)
+        else:
+            label = f"  {record['label']}" if "label" in record else ""
+            log(f"{prediction.path}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
+                + (f"  -> {record['heatmap']}" if "heatmap" in record else ""))

@@ -1,0 +1,82 @@
+"""Method checkpoints: our safetensors format (tensors + metadata) and the authors' formats.
+
+Ours: safetensors whose metadata holds ``zsad_format``, ``method``, ``backbone``,
+``trained_on``, ``hparams`` (JSON), ``epoch`` and ``zsad_version``. Authors' files are torch
+pickles of plain tensors, read with ``weights_only=True`` (pickles that need code are refused).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsadcli import __version__
+from zsadcli.atomic import atomic_path
+from zsadcli.errors import BadInput
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    kind: str  # "zsad" or "authors"
+    method: str | None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] | None = None  # ours
+    raw: Any = None  # authors'
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, method: str, backbone: str,
+                    trained_on: str, hparams: dict[str, Any], epoch: int | None = None) -> Path:
+    """Write atomically (a crash never leaves a half-written checkpoint)."""
+    from safetensors.torch import save_file
+
+    metadata = {"zsad_format": FORMAT_VERSION, "method": method, "backbone": backbone,
+                "trained_on": trained_on, "hparams": json.dumps(hparams, default=list),
+                "zsad_version": __version__, "epoch": "" if epoch is None else str(epoch)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint {path} does not exist.", hint="check the path given to --checkpoint")
+    if path.stat().st_size == 0:
+        raise BadInput(f"checkpoint {path} is an empty file.")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[8:9] == b"{":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as exc:
+            raise BadInput(f"checkpoint {path} is not a readable safetensors file ({exc}).") from None
+        if metadata.get("zsad_format") != FORMAT_VERSION or "method" not in metadata:
+            raise BadInput(f"checkpoint {path} is a safetensors file without zsad metadata.",
+                           hint="zsad checkpoints are written by `zsad train`; authors' .pth files load too")
+        return LoadedCheckpoint(path, "zsad", metadata["method"], json.loads(metadata.get("hparams") or "{}"),
+                                metadata, tensors=tensors)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInput(f"checkpoint {path} cannot be read as a weights-only torch file "
+                       f"({type(exc).__name__}: {str(exc)[:160]}).",
+                       hint="zsad refuses pickles that need code to load (see --allow-pickle where a method offers it)") from None
+    return LoadedCheckpoint(path, "authors", None, raw=raw)
+
+
+def identify_authors_method(checkpoint: LoadedCheckpoint, candidates: dict[str, type]) -> dict[str, dict]:
+    """Which registered methods accept this authors'-format file, with the hparams each implies."""
+    return {name: hp for name, cls in candidates.items()
+            if (hp := cls.authors_checkpoint_hparams(checkpoint.raw)) is not None}

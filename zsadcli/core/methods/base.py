@@ -1,0 +1,134 @@
+"""The Method contract the engine relies on (it knows nothing else about a method)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from zsadcli.core.backbone import ClipBackbone
+from zsadcli.data.images import clip_preprocess
+
+
+@dataclass
+class MethodOutput:
+    """``image_score`` (B,) in [0, 1]; ``anomaly_map`` (B, S, S) at the input size after the
+    method's smoothing — exactly what eval scores; ``extras`` carries what the loss needs."""
+
+    image_score: torch.Tensor
+    anomaly_map: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The authors' optimiser and schedule."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    seed: int
+
+
+class Method(nn.Module):
+    """A ZSAD method over a frozen CLIP backbone.
+
+    Subclasses declare: ``name``, ``description``, ``backbone_key`` (weights.yaml),
+    ``quick_gelu``, ``image_size``, ``defaults`` (hyperparameters), ``ablations`` (switch ->
+    one-line description), ``recipe`` (None for training-free methods), ``released``
+    (trained-on dataset -> weights.yaml checkpoint key) and implement ``forward``;
+    trainable methods also ``loss`` and the checkpoint hooks.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    backbone_key: ClassVar[str] = "openai-vit-l-14-336"
+    quick_gelu: ClassVar[bool] = True
+    image_size: ClassVar[int] = 518
+    mask_resample: ClassVar[str] = "bilinear"
+    defaults: ClassVar[dict[str, Any]] = {}
+    ablations: ClassVar[dict[str, str]] = {}
+    recipe: ClassVar[TrainRecipe | None] = None
+    released: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, backbone: ClipBackbone, hparams: dict[str, Any] | None = None,
+                 ablate: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        unknown = set(ablate) - set(self.ablations)
+        if unknown:
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"{self.name} has no ablation switch {', '.join(sorted(unknown))}.",
+                           hint=f"its switches: {', '.join(self.ablations) or '(none)'}")
+        self.backbone = backbone
+        self.hparams = {**self.defaults, **(hparams or {})}
+        self.ablate = frozenset(ablate)
+
+    # ----------------------------------------------------------------- inference
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return clip_preprocess(image, self.hparams.get("image_size", self.image_size))
+
+    @property
+    def input_size(self) -> int:
+        return int(self.hparams.get("image_size", self.image_size))
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The anomaly map's natural value range, for a fixed heatmap colour scale."""
+        return (0.0, 1.0)
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def protocol_train_on(cls, test_dataset: str) -> str | None:
+        """The papers' cross-dataset protocol: MVTec AD is tested with the VisA-trained model,
+        every other dataset with the MVTec-trained one."""
+        choice = "visa" if test_dataset == "mvtec" else "mvtec"
+        return choice if choice in cls.released else None
+
+    # ----------------------------------------------------------------- training
+    @property
+    def trainable(self) -> bool:
+        return self.recipe is not None
+
+    def loss(self, output: MethodOutput, masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError(f"{self.name} is training-free")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        assert self.recipe is not None
+        return torch.optim.Adam(self.trainable_parameters(), lr=lr or self.recipe.lr, betas=self.recipe.betas)
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The tensors our checkpoint format stores (learned parts and their buffers)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.checkpoint_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"checkpoint tensors do not fit {self.name}: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}.")
+        self.load_state_dict({**{f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}, **state})
+        self.invalidate_caches()
+
+    @classmethod
+    def authors_checkpoint_hparams(cls, obj: Any) -> dict[str, Any] | None:
+        """Hyperparameters implied by an authors'-format checkpoint, or None if it is not one."""
+        return None
+
+    def import_authors_checkpoint(self, obj: Any) -> None:
+        raise NotImplementedError
+
+    def invalidate_caches(self) -> None:
+        """Drop anything computed once per model (e.g. static text features)."""

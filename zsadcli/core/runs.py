@@ -1,0 +1,60 @@
+"""Run folders (``runs/<command>/<name>/``): resolved config, results as JSON and CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from zsadcli import __version__
+from zsadcli.atomic import write_text_atomic
+from zsadcli.errors import BadInput
+
+
+def run_dir(command: str, name: str, *, root: str | Path = "runs", force: bool = False, resume: bool = False) -> Path:
+    """``runs/<command>/<name>``; an existing non-empty folder needs --force (or --resume).
+
+    Nothing is created here: the writers create the folder when they have a complete file."""
+    if not name or "/" in name or name in (".", ".."):
+        raise BadInput(f"run name {name!r} is not a plain folder name.")
+    path = Path(root) / command / name
+    if path.exists() and any(path.iterdir()) and not (force or resume):
+        raise BadInput(f"run folder {path} already exists.",
+                       hint="choose another --name, pass --force to overwrite" + (", or --resume" if command == "train" else ""))
+    return path
+
+
+def environment() -> dict[str, str]:
+    import open_clip
+    import torch
+
+    return {"zsad": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(_clean(data), indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    return write_text_atomic(path, buffer.getvalue())
