@@ -86,8 +86,8 @@ class _NumpyOps:
         return np.searchsorted(a, v, side="right" if right else "left")
 
     @staticmethod
-    def bincount(x: np.ndarray, minlength: int, weights: np.ndarray | None = None) -> np.ndarray:
-        return np.bincount(x, weights=weights, minlength=minlength)
+    def bincount(x: np.ndarray, minlength: int) -> np.ndarray:
+        return np.bincount(x, minlength=minlength)
 
     @staticmethod
     def clamp0(x: np.ndarray) -> np.ndarray:
@@ -125,8 +125,8 @@ class _TorchOps:
         return torch.searchsorted(a, v, right=right)
 
     @staticmethod
-    def bincount(x: torch.Tensor, minlength: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.bincount(x, weights=weights, minlength=minlength)
+    def bincount(x: torch.Tensor, minlength: int) -> torch.Tensor:
+        return torch.bincount(x, minlength=minlength)
 
     @staticmethod
     def clamp0(x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +241,8 @@ def _prepare(y_true: Array, y_score: Array, regions: bool = False) -> _Prepared:
     region = labels[mask].astype(np.int64) - 1
     del labels
     size = np.bincount(region, minlength=n_regions)
-    # Regions are grouped by size: overlaps are then summed as exact integers per group and
-    # divided once per group, and per-threshold tables stay small (sizes are few).
+    # Regions are grouped by size: the 200-threshold overlaps are then exact integer counts
+    # per (size, threshold), a table that stays small (distinct sizes are few).
     group_size, region_group = np.unique(size, return_inverse=True)
     pos, pos_group = ops.sort_with(pos, ops.put(region_group.reshape(-1)[region], like=pos))
     return _Prepared(ops, neg, pos, pos_group, ops.put(group_size.astype(np.int64), like=pos), n_regions)
@@ -329,10 +329,10 @@ def _aupro_defined(p: _Prepared, metric: str) -> bool:
     return True
 
 
-def _group_sum(p: _Prepared, groups: Array, weights: Array | None = None) -> float:
-    """Sum over regions of (their count / region size), from per-positive group indices."""
-    per_group = p.ops.bincount(groups, minlength=p.group_size.shape[0], weights=weights)
-    return float((p.ops.f64(per_group) / p.ops.f64(p.group_size)).sum())
+def _region_weights(p: _Prepared) -> Array:
+    """1 / |region| for each positive (float64). Used in plain sums: a weighted bincount
+    would be non-deterministic on CUDA (and refused under deterministic algorithms)."""
+    return 1.0 / p.ops.f64(p.group_size)[p.pos_group]
 
 
 def _aupro_exact(p: _Prepared, fpr_limit: float) -> float:
@@ -358,12 +358,12 @@ def _aupro_exact(p: _Prepared, fpr_limit: float) -> float:
     # once in PRO(>=s) for each normal s in (cut, t], and once in PRO(>s) for s in (cut, t).
     under_or_tied = ops.clamp0(ops.searchsorted(p.neg, p.pos, right=True) - n_at_or_below)
     under = ops.clamp0(ops.searchsorted(p.neg, p.pos) - n_at_or_below)
-    # float64 sums of integers are exact below 2**53 (> 2 * P * N for ~1e8 pixels).
-    area = _group_sum(p, p.pos_group, ops.f64(under_or_tied + under)) / (2 * n * k_regions)
+    weight = _region_weights(p)
+    area = float((weight * ops.f64(under_or_tied + under)).sum()) / (2 * n * k_regions)
 
     # The segment across the limit: PRO above and at the cut, interpolated at the limit.
-    y0 = _group_sum(p, p.pos_group[_count(ops, p.pos, cut, right=True) :]) / k_regions
-    y1 = _group_sum(p, p.pos_group[_count(ops, p.pos, cut) :]) / k_regions
+    y0 = float(weight[_count(ops, p.pos, cut, right=True) :].sum()) / k_regions
+    y1 = float(weight[_count(ops, p.pos, cut) :].sum()) / k_regions
     y_limit = y1 if x1 == fpr_limit else y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
     area += (fpr_limit - x0) * (y0 + y_limit) / 2
     return min(area / fpr_limit, 1.0)  # PRO <= 1; the min only absorbs float rounding
