@@ -95,6 +95,7 @@ def test_image_metrics_keys_and_inputs() -> None:
     assert out["auroc"] == pytest.approx(roc_auc_score(y, s))
     # torch tensors (bf16 scores included) give the same numbers as numpy arrays
     assert M.image_metrics(torch.tensor(y), torch.tensor(s)) == out
+    assert M.image_metrics(y.tolist(), s.tolist()) == out
     bf16 = torch.tensor(s).bfloat16()
     assert M.auroc(y, bf16) == pytest.approx(roc_auc_score(y, bf16.float().numpy()), abs=1e-12)
 

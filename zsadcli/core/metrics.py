@@ -170,7 +170,7 @@ def _scores(x: Array, ops: _Ops) -> Array:
     else:
         if isinstance(x, torch.Tensor):
             x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-        s = np.asarray(x).reshape(-1)
+        s = x.reshape(-1)
         if s.dtype.kind != "f":
             s = s.astype(np.float64)
         finite = bool(np.isfinite(s).all())
@@ -185,8 +185,6 @@ def _labels(y: Array, ops: _Ops, like: Array) -> Array:
         y = y.detach().to(like.device) if ops is _TorchOps else y.detach().cpu().numpy()
     elif ops is _TorchOps:
         y = torch.as_tensor(np.asarray(y), device=like.device)
-    else:
-        y = np.asarray(y)
     y = y.reshape(-1)
     if y.dtype != (torch.bool if ops is _TorchOps else np.bool_):
         binary = (y == 0) | (y == 1)
@@ -222,6 +220,7 @@ _STRUCTURE_8[1] = True
 
 
 def _prepare(y_true: Array, y_score: Array, regions: bool = False) -> _Prepared:
+    y_true, y_score = (x if isinstance(x, torch.Tensor) else np.asarray(x) for x in (y_true, y_score))
     ops: _Ops = _TorchOps if _on_gpu(y_score) else _NumpyOps
     if tuple(y_true.shape) != tuple(y_score.shape):
         raise ValueError(f"shape mismatch: labels {tuple(y_true.shape)} vs scores {tuple(y_score.shape)}")
