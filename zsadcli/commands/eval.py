@@ -32,13 +32,13 @@ def render_result(result, title: str) -> None:
     rows = result.rows()
     for i, row in enumerate(rows):
         cells = [_cell(row[f"image_{c}"]) for c in IMAGE_COLUMNS] + [_cell(row[f"pixel_{c}"]) for c in PIXEL_COLUMNS]
-        name = row["class"]
-        if name == "mean":
-            counts = {n: result.mean[s][c]["n_classes"] for s, cols, n in
-                      (("image", IMAGE_COLUMNS, "img"), ("pixel", PIXEL_COLUMNS, "px")) for c in cols[:1]}
-            name = f"mean ({len(result.per_class)} classes; img over {counts['img']}, px over {counts['px']})"
-        table.add_row(name, *cells, end_section=(i == len(rows) - 2))
+        table.add_row(row["class"], *cells, end_section=(i == len(rows) - 2))
     err_console.print(table)
+    total = len(result.per_class)
+    image_n, pixel_n = (result.mean[s]["auroc"]["n_classes"] for s in ("image", "pixel"))
+    if image_n < total or pixel_n < total:
+        log(f"mean over {image_n}/{total} classes (image) and {pixel_n}/{total} classes (pixel); "
+            "undefined metrics show n/a")
     for note in result.notes:
         log(f"[yellow]note:[/] {note}")
 

@@ -18,7 +18,7 @@ app = typer.Typer(help="List, download and verify the registered weights (weight
 def _render(rows: list[dict], title: str) -> None:
     table = Table(title=title)
     for column in ("key", "section", "source", "present", "verified"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "key", overflow="fold")
     for row in rows:
         verified = row.get("verified")
         table.add_row(row["key"], row["section"], row["source"], "yes" if row["present"] else "no",

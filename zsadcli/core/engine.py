@@ -205,9 +205,9 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
                 loss.backward()
                 optimizer.step()
                 batches += 1
-                for key, value in {"loss": float(loss), **parts}.items():
+                for key, value in {"loss": float(loss.detach()), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value
-                bar.update(task, advance=len(batch["label"]), info=f"loss {float(loss):.4f}")
+                bar.update(task, advance=len(batch["label"]), info=f"loss {float(loss.detach()):.4f}")
             bar.remove_task(task)
             means = {k: v / max(batches, 1) for k, v in totals.items()}
             history.append({"epoch": epoch, **means})

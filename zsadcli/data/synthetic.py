@@ -54,22 +54,22 @@ _GOOD: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "stripes": _stripes, "checker": _checker, "disc": _disc}
 
 
-def _defect_mask(rng: np.random.Generator, size: int, defect: str) -> np.ndarray:
-    """A clearly visible region: at least ~1% of the image, away from nothing in particular."""
+def _defect_mask(rng: np.random.Generator, size: int, defect: str, scale: float = 1.0) -> np.ndarray:
+    """A clearly visible region (~1-4% of the image at ``scale`` 1; area grows with scale^2)."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
     lo, hi = int(size * 0.25), int(size * 0.75)
     cx, cy = rng.integers(lo, hi, 2)
     if defect == "scratch":
-        length = size * rng.uniform(0.25, 0.4)
+        length = size * rng.uniform(0.25, 0.4) * min(scale, 2.0)
         angle = rng.uniform(0, np.pi)
         dx, dy = length / 2 * np.cos(angle), length / 2 * np.sin(angle)
-        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=max(3, size // 32))
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=max(3, round(size * scale / 32)))
     elif defect == "stain":
-        rx, ry = size * rng.uniform(0.07, 0.12, 2)
+        rx, ry = size * scale * rng.uniform(0.07, 0.12, 2)
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
     else:  # hole
-        r = size * rng.uniform(0.05, 0.08)
+        r = size * scale * rng.uniform(0.05, 0.08)
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     return np.asarray(canvas) > 0
 
@@ -88,8 +88,10 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 def generate_synthetic(root: str | os.PathLike, *, seed: int = 0, classes: tuple[str, ...] = CLASSES,
                        size: int = 128, n_train: int = 4, n_test_good: int = 4,
-                       n_per_defect: int = 3) -> Meta:
-    """Write the tree under ``root`` and return its meta (MVTec-script semantics, sorted)."""
+                       n_per_defect: int = 3, defect_scale: float = 1.0) -> Meta:
+    """Write the tree under ``root`` and return its meta (MVTec-script semantics, sorted).
+
+    ``defect_scale`` enlarges the defects (e.g. 2 for a strong, easy-to-learn signal)."""
     root = Path(root)
     unknown = [c for c in classes if c not in _GOOD]
     if unknown:
@@ -105,7 +107,7 @@ def generate_synthetic(root: str | os.PathLike, *, seed: int = 0, classes: tuple
         for di, defect in enumerate(DEFECTS):
             for i in range(n_per_defect):
                 rng = np.random.default_rng([seed, ci, 2 + di, i])
-                mask = _defect_mask(rng, size, defect)
+                mask = _defect_mask(rng, size, defect, defect_scale)
                 rel = f"{cls}/test/{defect}/{i:03d}.png"
                 mask_rel = f"{cls}/ground_truth/{defect}/{i:03d}_mask.png"
                 _save_png(_paint(make(rng, size), mask, defect, rng), root / rel)
