@@ -60,7 +60,7 @@ class Pairing:
     pairs: list[tuple[str, str | None]]  # (image, mask or None when no mask matches)
     orphans: list[str]                   # masks no image claimed
     by_index: bool                       # names unrelated: paired by sorted position
-    index_example: tuple[str, str] | None  # a pair sorted-position pairing would get wrong
+    index_example: tuple[str, str | None] | None  # (image, what sorted-position pairing would give it)
 
 
 def pair_masks(images: Sequence[str], masks: Sequence[str], *, allow_index: bool = True) -> Pairing:
@@ -83,8 +83,9 @@ def pair_masks(images: Sequence[str], masks: Sequence[str], *, allow_index: bool
     if allow_index and not used and masks and len(images) == len(masks):
         return Pairing(list(zip(images, masks)), [], True, None)
     example = None
-    if len(images) == len(masks) and len(used) == len(masks):
-        example = next(((img, m) for (img, m), by_pos in zip(pairs, masks) if m != by_pos), None)
+    if all(m is not None for _, m in pairs):  # a complete name pairing: would position agree?
+        example = next(((img, masks[i] if i < len(masks) else None) for i, (img, m) in enumerate(pairs)
+                        if i >= len(masks) or masks[i] != m), None)
     return Pairing(pairs, [m for m in masks if m not in used], False, example)
 
 
@@ -104,9 +105,9 @@ def add_paired(b: Builder, split: str, cls_name: str, specie: str, img_dir: Path
         b.warn(f"{b.rel(img_dir)}/: image and mask names do not correspond; paired by sorted position "
                f"as the official scripts do")
     elif pairing.index_example:
-        img, mask = pairing.index_example
-        b.warn(f"{b.rel(img_dir)}/: paired by name; the official script pairs by sorted position and "
-               f"would not give {img} the mask {mask}")
+        img, by_position = pairing.index_example
+        b.warn(f"{b.rel(img_dir)}/: paired by name; the official script pairs by sorted position and would give "
+               f"{img} {'the mask ' + by_position if by_position else 'no mask (IndexError)'} instead")
     for image, mask in pairing.pairs:
         if mask is None:
             b.problem(img_dir / image, f"no mask for this image in {b.rel(mask_dir)}/")
