@@ -92,6 +92,15 @@ def test_unknown_dataset_lists_the_names(runner, tmp_path):
     assert "mvtek" in result.stderr and "mvtec" in result.stderr and "tn3k" in result.stderr
 
 
+def test_errors_print_under_quiet_and_keep_brackets(runner, tmp_path):
+    root = tmp_path / "[set 1]"
+    image(root / "images/a.png")
+    (root / "masks").mkdir()
+    result = runner.invoke(app, ["--quiet", "prepare", "kvasir", str(root)])
+    assert result.exit_code == 2
+    assert "[set 1]" in result.stderr and "images/a.png: no mask" in result.stderr
+
+
 def test_missing_root(runner, tmp_path):
     result = _prepare(runner, "mvtec", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "does not exist" in result.stderr

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from zsadcli.commands.common import JsonOpt, QuietOpt, SeedOpt, merge_options
 from zsadcli.console import emit_json, err_console
@@ -27,13 +28,15 @@ def _problems_json(problems: list[Problem]) -> list[dict[str, str]]:
 
 
 def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    # Text, not markup: class names and paths come from folder names
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("split")
     table.add_column("class")
     for column in ("normal", "anomalous", "with mask"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["split"], row["class"], str(row["normal"]), str(row["anomalous"]), str(row["with_mask"]))
+        table.add_row(row["split"], Text(row["class"]), str(row["normal"]), str(row["anomalous"]),
+                      str(row["with_mask"]))
     return table
 
 
@@ -47,8 +50,8 @@ def _show_list(as_json: bool) -> None:
     table.add_column("expected layout")
     table.add_column("deliberate differences from the official script")
     for c in CONVERTERS.values():
-        table.add_row(c.name, c.description, c.differences)
-    err_console.print(table, markup=False)
+        table.add_row(c.name, Text(c.description), Text(c.differences))
+    err_console.print(table)
 
 
 def _show_check(root: Path, as_json: bool) -> None:
