@@ -165,6 +165,8 @@ def test_all_file_problems_are_reported_at_once(runner, tmp_path):
     assert "bottle/train/good/000.png: image cannot be read" in result.stderr
     assert "bottle/ground_truth/broken_large/001_mask.png: mask is 9x8 but its image" in result.stderr
     _no_partial_files(tmp_path)
+    as_json = _prepare(runner, "mvtec", str(tmp_path), "--json")
+    assert as_json.exit_code == 2 and len(json.loads(as_json.stdout)["problems"]) == 3
     assert _prepare(runner, "mvtec", str(tmp_path), "--skip-bad").exit_code == 0
     assert written(tmp_path) == {"train": {"bottle": []}, "test": {"bottle": [
         item("bottle/test/broken_large/000.png", "bottle/ground_truth/broken_large/000_mask.png", "bottle",

@@ -11,7 +11,7 @@ from rich.text import Text
 from zsadcli.commands.common import JsonOpt, QuietOpt, SeedOpt, merge_options
 from zsadcli.console import emit_json, err_console
 from zsadcli.data.converters import CONVERTERS, Problem
-from zsadcli.data.prepare import PrepareOutcome, prepare_dataset, problem_list, summarize
+from zsadcli.data.prepare import FileProblems, PrepareOutcome, prepare_dataset, problem_list, summarize
 from zsadcli.data.validate import check_meta
 from zsadcli.errors import BadInput
 
@@ -119,5 +119,11 @@ def prepare(
     elif dataset is None or root is None:
         raise BadInput("prepare needs a DATASET and its ROOT folder.", hint=USAGE)
     else:
-        outcome = prepare_dataset(dataset, root, force=force, dry_run=dry_run, skip_bad=skip_bad, seed=opts.seed)
+        try:
+            outcome = prepare_dataset(dataset, root, force=force, dry_run=dry_run, skip_bad=skip_bad,
+                                      seed=opts.seed)
+        except FileProblems as exc:
+            if opts.json:  # every problem, not only those the message shows
+                emit_json({"dataset": dataset, "root": str(root), "problems": _problems_json(exc.problems)})
+            raise
         _show_outcome(outcome, dry_run, opts.json)

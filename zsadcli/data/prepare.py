@@ -81,6 +81,8 @@ def prepare_dataset(dataset: str, root: str | Path, *, force: bool = False, dry_
     """
     converter = get_converter(dataset)
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise BadInput(f"dataset root {root} is not a folder.", hint=f"pass the folder that holds {dataset}")
     if not dry_run:
         refuse_overwrite(meta_path(root), force, "meta.json")
     if converter.generates:
@@ -91,9 +93,8 @@ def prepare_dataset(dataset: str, root: str | Path, *, force: bool = False, dry_
             result = converter.convert(root, seed=seed or 0)
         problems: list[Problem] = []
     else:
-        if not root.is_dir():
-            raise BadInput(f"dataset root {root} {'is not a folder' if root.exists() else 'does not exist'}.",
-                           hint=f"pass the folder you unpacked {dataset} into")
+        if not root.exists():
+            raise BadInput(f"dataset root {root} does not exist.", hint=f"pass the folder you unpacked {dataset} into")
         try:
             result = converter.convert(root)
         except LayoutNotFound:

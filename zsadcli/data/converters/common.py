@@ -20,6 +20,15 @@ from zsadcli.data.images import IMAGE_EXTENSIONS
 # DAGM `_label`, ISIC `_Segmentation`); most medical sets use the image's own stem.
 MASK_SUFFIXES = ("_mask", "_label", "_segmentation", "_gt")
 
+# The deliberate differences shown by `zsad prepare --list`: MVTec-style trees, image/mask folders.
+MVTEC_STYLE_DIFFERENCES = (
+    "species and files sorted (script: os.listdir order); masks paired by name (script: sorted "
+    "position; same result on an intact tree); non-image files ignored; absent classes or phase "
+    "folders left out with a warning (script: crash)")
+IMAGE_MASK_DIFFERENCES = (
+    "paths relative to the root (script: absolute); masks paired by name (script: sorted position; same "
+    "result on an intact tree); non-image files ignored")
+
 
 def list_images(b: Builder, folder: Path, expected_extras: Sequence[str] = ()) -> list[str]:
     """Sorted image file names in ``folder``; other visible files (except ``expected_extras``, such
@@ -126,10 +135,14 @@ def add_unpaired(b: Builder, split: str, cls_name: str, specie: str, img_dir: Pa
         b.add(split, cls_name, img_dir / image, None, specie, anomaly)
 
 
+def ground_truth_dir(cls_dir: Path, specie: str) -> Path:
+    """Where the MVTec layout keeps a species' masks."""
+    return cls_dir / "ground_truth" / specie
+
+
 def add_mvtec_class(b: Builder, base: Path, folder: str, cls_name: str | None = None, *,
                     normal: str = "good", phases: Sequence[str] = ("train", "test"),
-                    mask_dir: Callable[[Path, str], Path] | None = lambda cls_dir, specie: cls_dir / "ground_truth" / specie,
-                    ) -> None:
+                    mask_dir: Callable[[Path, str], Path] | None = ground_truth_dir) -> None:
     """One class of an MVTec-style tree: ``<folder>/<phase>/<specie>/*`` with masks at
     ``mask_dir(class folder, specie)`` (None: an image-level dataset, masks ""). A missing phase
     folder gives an empty list (the official scripts would crash)."""
@@ -178,7 +191,7 @@ def add_mvtec_classes(b: Builder, base: Path, classes: Sequence[str], *, names: 
         b.warn(f"folders that are not classes of this dataset (ignored): {', '.join(unknown)}")
     for folder in present:
         add_mvtec_class(b, base, folder, names.get(folder, folder), normal=normal,
-                        mask_dir=(lambda cls_dir, specie: cls_dir / "ground_truth" / specie) if masks else None)
+                        mask_dir=ground_truth_dir if masks else None)
 
 
 def mvtec_variant(name: str, classes: Sequence[str], *, names: dict[str, str] | None = None,
@@ -199,21 +212,8 @@ def add_species_folders(b: Builder, cls_dir: Path, cls_name: str, *, is_normal: 
     b.ensure_class("test", cls_name)
 
 
-# The deliberate differences every MVTec-style converter shares (shown by `zsad prepare --list`).
-MVTEC_STYLE_DIFFERENCES = (
-    "species and files sorted (script: os.listdir order); masks paired by name (script: sorted "
-    "position; same result on an intact tree); non-image files ignored; absent classes or phase "
-    "folders left out with a warning (script: crash)")
-
-
 def image_mask_variant(name: str, images: str, masks: str, cls_name: str) -> Variant:
     """``<images>/`` + ``<masks>/`` folders of a pixel-level set (the colon and thyroid sets):
     every image anomalous with its mask, ``specie_name`` empty, test only."""
     return Variant(name, lambda base: (base / images).is_dir() and (base / masks).is_dir(),
                    lambda b, base: add_paired(b, "test", cls_name, "", base / images, base / masks))
-
-
-# The deliberate differences of the image/mask folder converters.
-IMAGE_MASK_DIFFERENCES = (
-    "paths relative to the root (script: absolute); masks paired by name (script: sorted position; same "
-    "result on an intact tree); non-image files ignored")
