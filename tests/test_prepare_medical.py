@@ -270,11 +270,15 @@ def test_clinicdb_kaggle_png_and_tif_folders(tmp_path):
     assert outcome.variant.endswith("(inside PNG/)")
 
 
-def test_clinicdb_adaclip_tree(tmp_path):
-    mvtec_class(tmp_path, "ClinicDB", {"defect": ["1", "2"]}, ["3"], ["4"])
-    prepare_dataset("clinicdb", tmp_path)
-    train, test = mvtec_expected("ClinicDB", {"defect": ["1", "2"]}, ["3"], ["4"])
-    assert written(tmp_path) == {"train": {"ClinicDB": train}, "test": {"ClinicDB": test}}
+@pytest.mark.parametrize("dataset, folder, cls", [("clinicdb", "CVC-ClinicDB", "ClinicDB"),
+                                                  ("colondb", "CVC-ColonDB", "ColonDB"),
+                                                  ("endo", "EndoTect", "endo")])
+def test_adaclip_pixel_level_trees(tmp_path, dataset, folder, cls):
+    mvtec_class(tmp_path / folder, cls, {"defect": ["1", "2"]}, ["3"], ["4"])
+    outcome = prepare_dataset(dataset, tmp_path / folder)
+    train, test = mvtec_expected(cls, {"defect": ["1", "2"]}, ["3"], ["4"])
+    assert written(tmp_path / folder) == {"train": {cls: train}, "test": {cls: test}}
+    assert outcome.variant.startswith("AdaCLIP")
 
 
 def test_kvasir_seg_archive_folder(tmp_path):
