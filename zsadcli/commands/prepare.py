@@ -87,9 +87,9 @@ def _show_outcome(outcome: PrepareOutcome, dry_run: bool, as_json: bool) -> None
 
 def prepare(
     ctx: typer.Context,
-    dataset: Annotated[Optional[str], typer.Argument(
+    dataset: Annotated[Optional[str], typer.Argument(metavar="DATASET",
         help=f"Dataset name: {', '.join(CONVERTERS)}.", show_default=False)] = None,
-    root: Annotated[Optional[Path], typer.Argument(
+    root: Annotated[Optional[Path], typer.Argument(metavar="ROOT",
         help="The dataset's root folder (synthetic: where to create it).", show_default=False)] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the datasets, their expected layouts and "
                                                        "deliberate differences from the official scripts.")] = False,
