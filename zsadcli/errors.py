@@ -22,11 +22,19 @@ class ZsadError(Exception):
         self.hint = hint
 
     def show(self) -> None:
+        from rich.text import Text
+
         from zsadcli.console import err_console
 
-        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False, soft_wrap=True)
-        if self.hint:
-            err_console.print(f"[dim]hint:[/] {self.hint}", highlight=False, soft_wrap=True)
+        # Errors print even under --quiet; message and hint are plain text (file names may hold
+        # [brackets], which rich would read as markup).
+        quiet, err_console.quiet = err_console.quiet, False
+        try:
+            err_console.print(Text.assemble(("error:", "bold red"), " ", self.message), highlight=False, soft_wrap=True)
+            if self.hint:
+                err_console.print(Text.assemble(("hint:", "dim"), " ", self.hint), highlight=False, soft_wrap=True)
+        finally:
+            err_console.quiet = quiet
 
 
 class BadInput(ZsadError):

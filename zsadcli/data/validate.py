@@ -1,0 +1,76 @@
+"""File checks on meta.json records: existence, empty files, readable images, mask sizes.
+
+Cheap enough for real datasets: an image is opened for its header only (PIL reads the size without
+decoding pixels); ``--check`` also decodes each mask, since a mask must be binarisable.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from zsadcli.data.converters.base import Problem
+from zsadcli.data.meta import Meta, load_meta, resolve_item_path
+
+
+def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """(size, None) for a readable image, else (None, why not)."""
+    try:
+        if path.is_dir():
+            return None, "is a folder, not an image"
+        if path.stat().st_size == 0:
+            return None, "is an empty (zero-byte) file"
+    except FileNotFoundError:
+        return None, "does not exist"
+    try:
+        with Image.open(path) as img:
+            if decode:
+                img.convert("L")  # what binarising a mask needs: a full decode to one channel
+            return img.size, None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"cannot be read as an image ({exc})"
+
+
+def validate_items(root: str | os.PathLike, meta: Meta, *, decode_masks: bool = False) -> list[Problem]:
+    """One problem per unreadable file (images and masks) and per mask whose size differs from its
+    image's; every item is checked, so all problems are reported at once."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    problems: list[Problem] = []
+
+    def size_of(rel: str, what: str, decode: bool) -> tuple[int, int] | None:
+        if rel not in sizes:
+            sizes[rel], why = _probe(resolve_item_path(root, rel), decode)
+            if why:
+                problems.append(Problem(rel, f"{what} {why}"))
+        return sizes[rel]
+
+    for classes in meta.values():
+        for items in classes.values():
+            for item in items:
+                image_size = size_of(item.img_path, "image", False)
+                if not item.mask_path:
+                    continue
+                mask_size = size_of(item.mask_path, "mask", decode_masks)
+                if image_size and mask_size and image_size != mask_size:
+                    problems.append(Problem(item.mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image "
+                                                            f"{item.img_path} is {image_size[0]}x{image_size[1]}"))
+    return problems
+
+
+def check_meta(root: str | os.PathLike) -> tuple[Meta, list[Problem]]:
+    """Load ``root/meta.json`` (schema errors raise BadInput) and list every problem in it."""
+    meta = load_meta(root)
+    problems: list[Problem] = []
+    for split, classes in meta.items():
+        for cls, items in classes.items():
+            for item in items:
+                if item.cls_name != cls:
+                    problems.append(Problem(item.img_path, f"cls_name {item.cls_name!r} differs from its class "
+                                                           f"key {cls!r} in {split}"))
+            for path, count in Counter(item.img_path for item in items).items():
+                if count > 1:
+                    problems.append(Problem(path, f"listed {count} times in {split}/{cls}"))
+    problems += validate_items(root, meta, decode_masks=True)
+    return meta, problems
