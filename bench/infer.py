@@ -13,10 +13,11 @@ import time
 import torch
 
 ARCHS = {
-    # open_clip config, QuickGELU, default image size
+    # open_clip config, default image size
     "vit-l-14-336": ("ViT-L-14-336-quickgelu", 518),
     "vit-b-16-plus-240": ("ViT-B-16-plus-240", 240),
 }
+ARCH_OF_BACKBONE = {"openai-vit-l-14-336": "vit-l-14-336", "laion-vit-b-16-plus-240": "vit-b-16-plus-240"}
 
 
 def build_backbone(arch: str, quick_gelu: bool):
@@ -53,7 +54,8 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="anomalyclip")
-    parser.add_argument("--arch", default="vit-l-14-336", choices=[*ARCHS, "tiny"])
+    parser.add_argument("--arch", default=None, choices=[*ARCHS, "tiny"],
+                        help="default: the architecture of the method's registered backbone")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -65,7 +67,7 @@ def main() -> None:
     from zsadcli.core.methods import get_method
 
     cls = get_method(args.method)
-    backbone, default_size = build_backbone(args.arch, cls.quick_gelu)
+    backbone, default_size = build_backbone(args.arch or ARCH_OF_BACKBONE[cls.backbone_key], cls.quick_gelu)
     size = args.image_size or default_size
     method = cls(backbone, {"image_size": size}).eval()
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]

@@ -203,3 +203,23 @@ def test_eval_image_only_dataset_reports_na(runner, tmp_path, checkpoint, synthe
     table = runner.invoke(app, ["eval", "--test-on", "imgonly", "--data-root", str(tmp_path), "--checkpoint",
                                 str(checkpoint), *TINY, "--runs", str(tmp_path / "runs"), "--name", "t2"])
     assert "n/a" in table.output
+
+
+@pytest.mark.parametrize("option", [["--rep-vec", "dbscan"], ["--class-name", "bottle"], ["--no-bsr"],
+                                    ["--hparam", "no_such_knob=3"]])
+def test_options_of_other_methods_are_rejected(runner, checkpoint, synthetic_root, option):
+    image = str(synthetic_root / "disc/test/good/000.png")
+    result = runner.invoke(app, ["predict", image, "--checkpoint", str(checkpoint), *TINY, *option])
+    assert result.exit_code == 2, result.output
+    assert "does not apply" in result.output or "no hyperparameter" in result.output
+
+
+def test_hparam_override_reaches_the_method(runner, checkpoint, synthetic_root, tmp_path):
+    image = str(synthetic_root / "disc/test/good/000.png")
+    maps = {}
+    for sigma in ("4", "0"):
+        result = runner.invoke(app, ["predict", image, "--checkpoint", str(checkpoint), *TINY, "--hparam",
+                                     f"sigma={sigma}", "--save-raw", str(tmp_path / sigma)])
+        assert result.exit_code == 0, result.output
+        maps[sigma] = np.load(tmp_path / sigma / "000.npy")
+    assert maps["0"].std() > maps["4"].std()  # no smoothing keeps the map rougher

@@ -84,10 +84,55 @@ ImageSizeOpt = Annotated[Optional[int], typer.Option(
 AblateOpt = Annotated[Optional[list[str]], typer.Option(
     "--ablate", help="Turn a module off (repeatable; see `zsad ablate --method M --list`).", show_default=False)]
 
+# Method-specific options: each maps onto a hyperparameter the method declares; a method
+# that does not declare it rejects it (exit 2), so nothing is silently ignored.
+ClassNameOpt = Annotated[Optional[str], typer.Option(
+    "--class-name", help="Object name for class-aware prompts (WinCLIP, CLIP-AD); default: the dataset's class, "
+                         "'object' for predict.", show_default=False)]
+RepVecOpt = Annotated[Optional[str], typer.Option(
+    "--rep-vec", help="CLIP-AD representative vectors: mean, pca, kde, dbscan or mean_shift.", show_default=False)]
+DinoFileOpt = Annotated[Optional[str], typer.Option(
+    "--dino-file", help="Crane+: local DINOv2 ViT-B/14-reg weights (facebookresearch key names).",
+    show_default=False)]
+DattnMeanOpt = Annotated[Optional[str], typer.Option(
+    "--dattn-mean", help="Crane+ D-Attn centring: image (per image, default) or batch (the authors').",
+    show_default=False)]
+NoBsrOpt = Annotated[bool, typer.Option("--no-bsr", help="BSR-CLIP: turn the whole BSR chain off.")]
+FixNormalPromptOpt = Annotated[bool, typer.Option(
+    "--fix-normal-prompt", help="ViP²-CLIP: build the normal prompt with 'good' (the official one says 'damaged').")]
+ReferenceOpt = Annotated[Optional[str], typer.Option(
+    "--reference", help="WinCLIP few-shot: a folder of normal reference images.", show_default=False)]
+AllowPickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="UNSAFE: load checkpoints that are whole-object pickles (runs code from the file).")]
+HparamOpt = Annotated[Optional[list[str]], typer.Option(
+    "--hparam", help="Override a method hyperparameter, KEY=VALUE (repeatable; VALUE parsed as YAML).",
+    show_default=False)]
+
+
+def method_hparams(*, rep_vec: Optional[str] = None, dino_file: Optional[str] = None,
+                   dattn_mean: Optional[str] = None, no_bsr: bool = False, fix_normal_prompt: bool = False,
+                   reference: Optional[str] = None, hparam: Optional[list[str]] = None) -> dict:
+    """The hyperparameter overrides the method-specific options stand for."""
+    import yaml
+
+    from zsadcli.errors import BadInput
+
+    values: dict = {}
+    for item in hparam or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--hparam {item!r}: expected KEY=VALUE.")
+        values[key.strip()] = yaml.safe_load(raw)
+    named = {"rep_vec": rep_vec, "dino_file": dino_file, "dattn_mean": dattn_mean, "reference": reference,
+             "bsr": False if no_bsr else None, "fix_normal_prompt": True if fix_normal_prompt else None}
+    values.update({k: v for k, v in named.items() if v is not None})
+    return values
+
 
 def method_spec(opts: GlobalOptions, *, method: str, checkpoint: Optional[str] = None, train_on: Optional[str] = None,
                 backbone: Optional[str] = None, backbone_file: Optional[str] = None, image_size: Optional[int] = None,
-                ablate: Optional[list[str]] = None, require_weights: bool = True):
+                ablate: Optional[list[str]] = None, require_weights: bool = True, hparams: Optional[dict] = None,
+                class_name: Optional[str] = None, allow_pickle: bool = False):
     """A MethodSpec from command-line options, with device and precision resolved."""
     from zsadcli.core.devices import resolve_device, resolve_precision
     from zsadcli.core.engine import MethodSpec
@@ -98,4 +143,5 @@ def method_spec(opts: GlobalOptions, *, method: str, checkpoint: Optional[str] =
     return MethodSpec(method=method, backbone=backbone, backbone_file=backbone_file, checkpoint=checkpoint,
                       train_on=train_on, image_size=image_size, ablate=frozenset(ablate or ()),
                       device=device, dtype=resolve_precision(opts.precision, device),
-                      require_weights=require_weights)
+                      require_weights=require_weights, hparams=dict(hparams or {}), class_name=class_name,
+                      allow_pickle=allow_pickle)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (AblateOpt, BackboneFileOpt, BackboneOpt, CheckpointOpt, DeviceOpt, ImageSizeOpt,
+from zsadcli.commands.common import (AllowPickleOpt, ClassNameOpt, DattnMeanOpt, DinoFileOpt, FixNormalPromptOpt, HparamOpt, NoBsrOpt, ReferenceOpt, RepVecOpt, method_hparams, AblateOpt, BackboneFileOpt, BackboneOpt, CheckpointOpt, DeviceOpt, ImageSizeOpt,
                                      JsonOpt, MethodOpt, PrecisionOpt, QuietOpt, TrainOnOpt, merge_options,
                                      method_spec)
 from zsadcli.console import emit_json, err_console, log
@@ -63,6 +63,18 @@ def evaluate(
     backbone_file: BackboneFileOpt = None,
     image_size: ImageSizeOpt = None,
     ablate: AblateOpt = None,
+    class_name: ClassNameOpt = None,
+    rep_vec: RepVecOpt = None,
+    dino_file: DinoFileOpt = None,
+    dattn_mean: DattnMeanOpt = None,
+    no_bsr: NoBsrOpt = False,
+    fix_normal_prompt: FixNormalPromptOpt = False,
+    reference: ReferenceOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    hparam: HparamOpt = None,
+    clip_ad_transductive: Annotated[bool, typer.Option(
+        "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
+                                       "(the official, transductive protocol; reported as such).")] = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -94,7 +106,12 @@ def evaluate(
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
                   f"{'_'.join(datasets)}", root=runs_root, force=force)
     base = method_spec(opts, method=method, checkpoint=checkpoint, train_on=train_on, backbone=backbone,
-                       backbone_file=backbone_file, image_size=image_size, ablate=ablate)
+                       backbone_file=backbone_file, image_size=image_size, ablate=ablate,
+                       hparams=method_hparams(rep_vec=rep_vec, dino_file=dino_file, dattn_mean=dattn_mean,
+                                              no_bsr=no_bsr, fix_normal_prompt=fix_normal_prompt, reference=reference,
+                                              hparam=hparam)
+                       | ({"transductive": True} if clip_ad_transductive else {}),
+                       class_name=class_name, allow_pickle=allow_pickle)
     results, configs, built, built_for = [], {}, None, None
     for dataset in datasets:
         spec = base
@@ -110,7 +127,8 @@ def evaluate(
         if built is None or built_for != spec.train_on:
             built, built_for = build_method(spec), spec.train_on
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
-                                  aupro_variant=aupro, classes=classes.split(",") if classes else None)
+                                  aupro_variant=aupro, classes=classes.split(",") if classes else None,
+                                  class_name=class_name)
         results.append(result)
         configs[dataset] = built.description
         if not opts.json:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsadcli.commands.common import (AblateOpt, BackboneFileOpt, BackboneOpt, DeviceOpt, ImageSizeOpt, JsonOpt,
+from zsadcli.commands.common import (DattnMeanOpt, DinoFileOpt, FixNormalPromptOpt, HparamOpt, method_hparams, AblateOpt, BackboneFileOpt, BackboneOpt, DeviceOpt, ImageSizeOpt, JsonOpt,
                                      MethodOpt, PrecisionOpt, QuietOpt, SeedOpt, merge_options, method_spec)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
@@ -32,6 +32,10 @@ def train(
     backbone_file: BackboneFileOpt = None,
     image_size: ImageSizeOpt = None,
     ablate: AblateOpt = None,
+    dino_file: DinoFileOpt = None,
+    dattn_mean: DattnMeanOpt = None,
+    fix_normal_prompt: FixNormalPromptOpt = False,
+    hparam: HparamOpt = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -70,7 +74,9 @@ def train(
     seed_value = recipe.seed if opts.seed is None else opts.seed
     seed_everything(seed_value)  # before the method is built: prompt initialisation draws from it
     spec = method_spec(opts, method=method, backbone=backbone, backbone_file=backbone_file, image_size=image_size,
-                       ablate=ablate, require_weights=False)
+                       ablate=ablate, require_weights=False,
+                       hparams=method_hparams(dino_file=dino_file, dattn_mean=dattn_mean,
+                                              fix_normal_prompt=fix_normal_prompt, hparam=hparam))
     built = build_method(spec)
     dataset = MetaDataset(root, items, built.method.preprocess, built.method.input_size, built.method.mask_resample)
     config = {"command": "train", "method": built.description, "trained_on": on, "data_root": str(root),

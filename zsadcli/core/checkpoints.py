@@ -45,7 +45,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Read a checkpoint; ``allow_pickle`` (explicit, unsafe) permits pickles that run code."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint {path} does not exist.", hint="check the path given to --checkpoint")
@@ -68,7 +69,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         return LoadedCheckpoint(path, "zsad", metadata["method"], json.loads(metadata.get("hparams") or "{}"),
                                 metadata, tensors=tensors)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:
         raise BadInput(f"checkpoint {path} cannot be read as a weights-only torch file "
                        f"({type(exc).__name__}: {str(exc)[:160]}).",

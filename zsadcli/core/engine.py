@@ -45,6 +45,8 @@ class MethodSpec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     require_weights: bool = True  # False only when training from scratch
+    class_name: str | None = None  # fixed object name for class-aware prompts (else per dataset class)
+    allow_pickle: bool = False  # UNSAFE: whole-object pickles (BSR-CLIP's authors' files)
 
 
 @dataclass
@@ -66,7 +68,7 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     cls = get_method(spec.method)
     checkpoint = None
     if spec.checkpoint:
-        checkpoint = load_checkpoint(spec.checkpoint)
+        checkpoint = load_checkpoint(spec.checkpoint, allow_pickle=spec.allow_pickle)
     elif spec.train_on:
         checkpoint = _released_checkpoint(cls, spec.train_on)
     elif cls.recipe is not None and spec.require_weights:
@@ -85,6 +87,8 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
                            f"nor the authors').", hint="check --method and --checkpoint")
         hparams.update(implied)
     hparams.update(spec.hparams)
+    if spec.class_name and not cls.uses_class_name:
+        raise BadInput(f"--class-name does not apply to {cls.name}: its prompts are class-agnostic.")
     if spec.image_size:
         hparams["image_size"] = spec.image_size
     source = spec.backbone_file or spec.backbone or cls.backbone_key
@@ -94,10 +98,13 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
         method.load_checkpoint_state(checkpoint.tensors)
     elif checkpoint is not None:
         method.import_authors_checkpoint(checkpoint.raw)
+    if spec.class_name:
+        method.set_class_name(spec.class_name)
     method.to(device=spec.device, dtype=spec.dtype).eval()
     description = {"method": cls.name, "backbone": backbone.source, "checkpoint": str(checkpoint.path) if checkpoint else None,
                    "checkpoint_format": checkpoint.kind if checkpoint else None, "hparams": method.hparams,
-                   "ablate": sorted(spec.ablate), "device": str(spec.device), "dtype": str(spec.dtype).replace("torch.", "")}
+                   "ablate": sorted(spec.ablate), "class_name": spec.class_name, "device": str(spec.device),
+                   "dtype": str(spec.dtype).replace("torch.", "")}
     return BuiltMethod(method, description)
 
 

@@ -51,12 +51,15 @@ class DatasetResult:
 
 
 def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
-                     aupro_variant: str = "exact", classes: list[str] | None = None) -> DatasetResult:
+                     aupro_variant: str = "exact", classes: list[str] | None = None,
+                     class_name: str | None = None) -> DatasetResult:
+    """``class_name`` fixes the object name of class-aware prompts; by default each class's own."""
     result = DatasetResult(name, aupro_variant)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     for cls, items in meta["test"].items():
         if classes and cls not in classes:
             continue
+        method.set_class_name(class_name or cls)
         dataset = MetaDataset(root, items, method.preprocess, method.input_size, method.mask_resample)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         scores, labels, maps, masks = [], [], [], []
@@ -67,10 +70,12 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
                 maps.append(out.anomaly_map.float().cpu())
                 masks.append(batch["mask"])
         label_array = torch.cat(labels).numpy()
+        all_maps = torch.cat(maps)
+        all_scores = method.finalize_class_scores(torch.cat(scores), all_maps)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", metrics.UndefinedMetric)
-            image = metrics.image_metrics(label_array, torch.cat(scores).numpy())
-            pixel = metrics.pixel_metrics(torch.cat(masks).numpy(), torch.cat(maps).numpy(), aupro_variant)
+            image = metrics.image_metrics(label_array, all_scores.numpy())
+            pixel = metrics.pixel_metrics(torch.cat(masks).numpy(), all_maps.numpy(), aupro_variant)
         if any(np.isnan(image[k]) for k in IMAGE_COLUMNS):
             undefined["image"].append(cls)
         if any(np.isnan(pixel[k]) for k in PIXEL_COLUMNS):

@@ -26,8 +26,14 @@ def available_methods() -> dict[str, type[Method]]:
 
 
 def _load_builtin() -> None:
-    # Importing the modules registers them; kept lazy so `zsad --help` stays fast.
-    from zsadcli.core.methods import anomalyclip  # noqa: F401
+    """Import every method module of this package (importing registers it); lazy so that
+    `zsad --help` stays fast. A new method is a new file here, nothing else to edit."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "TrainRecipe", "available_methods", "get_method", "register_method"]

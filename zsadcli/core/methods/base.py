@@ -63,11 +63,31 @@ class Method(nn.Module):
 
             raise BadInput(f"{self.name} has no ablation switch {', '.join(sorted(unknown))}.",
                            hint=f"its switches: {', '.join(self.ablations) or '(none)'}")
+        unknown_hp = set(hparams or {}) - set(self.defaults)
+        if unknown_hp:
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"{self.name} has no hyperparameter {', '.join(sorted(unknown_hp))} "
+                           "(an option or --hparam that does not apply to this method).",
+                           hint=f"its hyperparameters: {', '.join(sorted(self.defaults))}")
         self.backbone = backbone
         self.hparams = {**self.defaults, **(hparams or {})}
         self.ablate = frozenset(ablate)
+        self.class_name = "object"
 
     # ----------------------------------------------------------------- inference
+    uses_class_name: ClassVar[bool] = False  # class-aware prompts (WinCLIP, CLIP-AD)
+
+    def set_class_name(self, name: str) -> None:
+        """The object name class-aware methods put into their prompts (eval sets it per class)."""
+        if self.uses_class_name and name != self.class_name:
+            self.class_name = name
+            self.invalidate_caches()
+
+    def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Eval-time hook over a whole class (e.g. CLIP-AD's transductive fusion); default: unchanged."""
+        return image_scores
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return clip_preprocess(image, self.hparams.get("image_size", self.image_size))
 
