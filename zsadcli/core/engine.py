@@ -64,6 +64,20 @@ def _released_checkpoint(cls: type[Method], train_on: str) -> LoadedCheckpoint:
     return load_checkpoint(path)
 
 
+_BACKBONE_CACHE: dict[tuple, object] = {}
+
+
+def _shared_backbone(source: str, quick_gelu: bool, device: torch.device, dtype: torch.dtype):
+    """One frozen backbone per process for a given source, device and dtype: eval over several
+    datasets and ablate's variants reuse it instead of reloading ~1 GB of weights each time.
+    The dtype is part of the key: a backbone cast to bf16 is never cast back and reused as fp32."""
+    key = (str(source), quick_gelu, str(device), dtype)
+    if key not in _BACKBONE_CACHE:
+        _BACKBONE_CACHE.clear()  # keep at most one resident
+        _BACKBONE_CACHE[key] = load_backbone(source, quick_gelu=quick_gelu).to(device=device, dtype=dtype)
+    return _BACKBONE_CACHE[key]
+
+
 def build_method(spec: MethodSpec) -> BuiltMethod:
     cls = get_method(spec.method)
     checkpoint = None
@@ -92,7 +106,7 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     if spec.image_size:
         hparams["image_size"] = spec.image_size
     source = spec.backbone_file or spec.backbone or cls.backbone_key
-    backbone = load_backbone(source, quick_gelu=cls.quick_gelu)
+    backbone = _shared_backbone(source, cls.quick_gelu, spec.device, spec.dtype)
     method = cls(backbone, hparams, spec.ablate)
     if checkpoint is not None and checkpoint.kind == "zsad":
         method.load_checkpoint_state(checkpoint.tensors)
