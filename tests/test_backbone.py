@@ -204,3 +204,27 @@ def test_registry_torchscript_entry_is_converted_once(tmp_path, monkeypatch, ref
     with torch.no_grad():
         assert torch.equal(first.encode_image(images), reference.encode_image(images))
         assert torch.equal(second.encode_image(images), reference.encode_image(images))
+
+
+def test_hub_id_loads_offline_from_the_cache(reference):
+    """(c) `hf-hub:org/name@rev`: the open_clip weight file found in the HF cache, offline."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from tinyclip import install_in_hf_cache
+
+    staging = Path(os.environ["HF_HUB_CACHE"]).parent / "hub-id-staging"
+    staging.mkdir(exist_ok=True)
+    payload = staging / "open_clip_model.safetensors"
+    save_file(tiny_state_dict(seed=0), str(payload))
+    install_in_hf_cache(Path(os.environ["HF_HUB_CACHE"]), "zsad-test/tiny-hub", payload.name, "e" * 40, payload)
+    model = load_backbone(f"hf-hub:zsad-test/tiny-hub@{'e' * 40}", quick_gelu=True)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), reference.encode_image(images))
+    from zsadcli.errors import WeightsUnavailable
+
+    with pytest.raises(WeightsUnavailable):
+        load_backbone("hf-hub:zsad-test/not-cached", quick_gelu=True)
