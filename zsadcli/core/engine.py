@@ -156,13 +156,15 @@ class Prediction:
 
 @torch.no_grad()
 def predict_paths(method: Method, paths: list[Path], batch_size: int = 1) -> Iterator[Prediction]:
-    """Score images; every image is decoded (and rejected, exit 2) before any output is written."""
-    images = [open_image(p) for p in paths]
+    """Score images. Every image is decoded once up front, so a bad file stops the run (exit 2)
+    before any output is written; images are decoded again batch by batch to keep memory flat."""
+    for path in paths:
+        open_image(path)
     device = next(method.parameters()).device
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=len(paths), info="")
         for start in range(0, len(paths), batch_size):
-            chunk = images[start:start + batch_size]
+            chunk = [open_image(p) for p in paths[start:start + batch_size]]
             batch = torch.stack([method.preprocess(img) for img in chunk]).to(device)
             out = method(batch)
             for offset, img in enumerate(chunk):
