@@ -73,3 +73,65 @@ def dual_block(block: nn.Module, x: torch.Tensor, alt: torch.Tensor | None,
     x_next = x_next + block.ls_2(block.mlp(block.ln_2(x_next)))
     alt_next = (x if alt is None else alt) + block.ls_1(alternate_out)
     return x_next, alt_next
+
+
+def dual_attention(block: nn.Module, h_in: torch.Tensor, attention: str = "vv") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both attention outputs of one frozen block on the *same* input stream ``h_in``:
+    (original ls_1(out_proj(Attn(LN1(x)))), alternate ls_1(out_proj(AltAttn(LN1(x))))), sharing qkv."""
+    q, k, v = split_qkv(block, block.ln_1(h_in))
+    original = F.scaled_dot_product_attention(q, k, v)
+    alternate = ALT_ATTENTIONS[attention](q, k, v)
+    out_proj = block.attn.out_proj
+    both = F.linear(merge_heads(torch.cat([original, alternate])), out_proj.weight, out_proj.bias)
+    original_out, alternate_out = both.chunk(2)
+    return block.ls_1(original_out), block.ls_1(alternate_out)
+
+
+@dataclass
+class StagedTaps:
+    """CLIP-AD's staged dual path outputs at the tapped 1-based layers: ``surgery`` = the v-v
+    stream (CLS still the v-v one), ``original`` = the raw residual stream of the frozen path."""
+
+    tokens: torch.Tensor
+    surgery: dict[int, torch.Tensor]
+    original: dict[int, torch.Tensor]
+
+
+def staged_surgery_forward(blocks, x: torch.Tensor, taps, *, restart_every: float | None,
+                           aliased_taps: bool = True, attention: str = "vv") -> StagedTaps:
+    """CLIP-AD's staged dual path (architecture surgery in every block, restarted per stage).
+
+    ``x`` is the ``ln_pre`` output. In every block the original path is the frozen block; the
+    new path adds the block's v-v attention of LN1(*original* stream) to its own stream, with no
+    skip connection from the original path and no MLP; it starts as the first block's v-v output
+    and restarts (is replaced by the block's v-v output) at every 0-based block index i > 0 with
+    ``i % restart_every == 0`` (the official ``count % (depth / 4)``), i.e. blocks 4, 7, 10 of 12.
+
+    ``aliased_taps`` reproduces the official code's in-place updates of stored tensors: a tapped
+    original-path state is the *next* block's post-attention, pre-MLP state (x_l + Attn_{l+1}),
+    and a tapped new-path state is its stage accumulator as it stands after the last block of
+    that stage (only taps at stage ends, e.g. 3/6/9/12, are unaffected). The last layer is exact.
+    With ``aliased_taps=False`` every tap is the true state after its block.
+    Blocks run in place on their own outputs; call it without autograd through the backbone.
+    """
+    taps = set(taps)
+    surgery: dict[int, torch.Tensor] = {}
+    original: dict[int, torch.Tensor] = {}
+    alt: torch.Tensor | None = None
+    for index, block in enumerate(blocks):
+        original_out, alternate_out = dual_attention(block, x, attention)
+        restart = alt is None or (restart_every is not None and index % restart_every == 0)
+        if restart:
+            alt = alternate_out
+        else:
+            alt.add_(alternate_out)  # in place: taps earlier in this stage see the whole stage
+        if index == 0:
+            x = x + original_out
+        else:
+            x.add_(original_out)  # in place: a tap of the previous block sees this attention
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        layer = index + 1
+        if layer in taps:
+            surgery[layer] = alt if aliased_taps else alt.clone()
+            original[layer] = x if aliased_taps else x.clone()
+    return StagedTaps(x, surgery, original)

@@ -213,7 +213,8 @@ class ClipBackbone(nn.Module):
 
     def positional_embedding(self, grid: int, mode: str = "bilinear") -> torch.Tensor:
         """(1 + grid^2, C) position embedding; the patch grid resized with ``mode``
-        (align_corners False, no antialias), the CLS position untouched. Cached per grid."""
+        (align_corners False, no antialias; ``"<mode>+antialias"`` antialiases, as open_clip's
+        ``resize_pos_embed`` does), the CLS position untouched. Cached per grid."""
         pos = self.visual.positional_embedding
         key = (grid, mode, pos.dtype, pos.device, pos.data_ptr())
         cached = self._pos_cache.get(key)
@@ -224,8 +225,11 @@ class ClipBackbone(nn.Module):
             out = pos
         else:
             patches = pos[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
-            patches = F.interpolate(patches, size=(grid, grid), mode=mode,
-                                    **({} if mode == "nearest" else {"align_corners": False}))
+            base, _, flag = mode.partition("+")
+            extra = {} if base == "nearest" else {"align_corners": False}
+            if flag == "antialias":
+                extra["antialias"] = True
+            patches = F.interpolate(patches, size=(grid, grid), mode=base, **extra)
             out = torch.cat([pos[:1], patches.reshape(1, pos.shape[-1], grid * grid)[0].T], dim=0)
         self._pos_cache = {key: out}
         return out

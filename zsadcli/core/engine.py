@@ -214,7 +214,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
         log(f"resuming after epoch {start} of {epochs}")
     elif resume:
         log("nothing to resume: starting from epoch 1")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=method.recipe.shuffle if method.recipe else True,
+                        num_workers=0)
     method.train()
     with progress_bar() as bar:
         for epoch in range(start + 1, epochs + 1):
@@ -222,6 +223,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
             totals: dict[str, float] = {}
             batches = 0
             for batch in loader:
+                if method.uses_class_name:
+                    method.set_batch_class_names(list(batch["cls_name"]))
                 out = method(batch["image"].to(device))
                 loss, parts = method.loss(out, batch["mask"].to(device), batch["label"].to(device))
                 optimizer.zero_grad()
@@ -242,5 +245,6 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
                 torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                             "history": history}, tmp)
             log(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    method.set_batch_class_names(None)
     method.eval()
     return history

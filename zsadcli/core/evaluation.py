@@ -55,6 +55,7 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
                      class_name: str | None = None) -> DatasetResult:
     """``class_name`` fixes the object name of class-aware prompts; by default each class's own."""
     result = DatasetResult(name, aupro_variant)
+    method.set_dataset_name(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     for cls, items in meta["test"].items():
         if classes and cls not in classes:
@@ -93,6 +94,9 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
         warnings.simplefilter("ignore", metrics.UndefinedMetric)
         result.mean = {"image": metrics.class_mean({c: r["image"] for c, r in result.per_class.items()}),
                        "pixel": metrics.class_mean({c: r["pixel"] for c, r in result.per_class.items()})}
+    scores_note = method.class_scores_note()
+    if scores_note:
+        result.notes.append(scores_note)
     if undefined["image"]:
         result.notes.append(f"image metrics undefined (one label only) for: {', '.join(undefined['image'])}")
     if undefined["pixel"]:

@@ -31,6 +31,7 @@ class TrainRecipe:
     lr: float
     betas: tuple[float, float]
     seed: int
+    shuffle: bool = True  # False where the official loader iterates the training set in order
 
 
 class Method(nn.Module):
@@ -74,6 +75,8 @@ class Method(nn.Module):
         self.hparams = {**self.defaults, **(hparams or {})}
         self.ablate = frozenset(ablate)
         self.class_name = "object"
+        self.dataset_name: str | None = None
+        self.batch_class_names: list[str] | None = None
 
     # ----------------------------------------------------------------- inference
     uses_class_name: ClassVar[bool] = False  # class-aware prompts (WinCLIP, CLIP-AD)
@@ -84,9 +87,25 @@ class Method(nn.Module):
             self.class_name = name
             self.invalidate_caches()
 
+    def set_batch_class_names(self, names: list[str] | None) -> None:
+        """Per-image object names for the next forward passes (training batches mix classes);
+        None: ``class_name`` for every image. Only class-aware methods read it."""
+        self.batch_class_names = list(names) if names is not None else None
+
+    def set_dataset_name(self, name: str | None) -> None:
+        """The dataset being evaluated or trained on (a few official recipes key settings on it,
+        e.g. CLIP-AD's DBSCAN parameters for VisA)."""
+        if name != self.dataset_name:
+            self.dataset_name = name
+            self.invalidate_caches()
+
     def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Eval-time hook over a whole class (e.g. CLIP-AD's transductive fusion); default: unchanged."""
         return image_scores
+
+    def class_scores_note(self) -> str | None:
+        """A line for eval's notes when ``finalize_class_scores`` changes the scores; default: None."""
+        return None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return clip_preprocess(image, self.hparams.get("image_size", self.image_size))
