@@ -98,15 +98,21 @@ def _rep_vector(emb: torch.Tensor, rep_vec: str, dataset: str, eps_min=None):
     return v
 
 
+_ENCODED: dict = {}  # (model, class) -> normalised prompt embeddings per state (tests reuse them)
+
+
 @torch.no_grad()
 def text_features(clip, class_name, rep_vec="dbscan", dataset="mvtec", eps_min=None):
     """(2, E) fp32 [normal, anomalous]."""
-    out = []
-    for states in (NORMAL, ABNORMAL):
-        emb = encode_text(clip, [t.format(s.format(class_name)) for s in states for t in TEMPLATES])
-        emb /= emb.norm(dim=-1, keepdim=True)
-        out.append(_rep_vector(emb, rep_vec, dataset, eps_min).float())
-    return torch.stack(out)
+    key = (id(clip), class_name)
+    if key not in _ENCODED:
+        encoded = []
+        for states in (NORMAL, ABNORMAL):
+            emb = encode_text(clip, [t.format(s.format(class_name)) for s in states for t in TEMPLATES])
+            emb /= emb.norm(dim=-1, keepdim=True)
+            encoded.append(emb)
+        _ENCODED[key] = encoded
+    return torch.stack([_rep_vector(emb.clone(), rep_vec, dataset, eps_min).float() for emb in _ENCODED[key]])
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """A plain, independent re-statement of anomalib's WinCLIP (zero- and few-shot), written from its
-semantics with the slow obvious loops (one window at a time through the tower, LND layout,
-explicit attention, per-patch harmonic means), no zsad code. Inputs: an open_clip CLIP module
+semantics with obvious loops (windows listed one by one, then stacked window-major through the
+tower as anomalib does, LND layout, explicit attention, per-patch harmonic means), no zsad code. Inputs: an open_clip CLIP module
 (weights only are read) and images already preprocessed.
 """
 from __future__ import annotations
@@ -81,13 +81,14 @@ def encode_image(clip, images, scales=(2, 3)):
     patches = full[:, 1:]
     windows = {}
     for k in scales:
-        per_window = []
+        sequences = []
         for top in range(grid - k + 1):
             for left in range(grid - k + 1):
                 idx = [0] + [1 + (top + i) * grid + left + j for i in range(k) for j in range(k)]
-                seq = feature_map[:, idx]  # one window, every image
-                per_window.append(tower(clip, seq)[:, 0] @ visual.proj)
-        windows[k] = torch.stack(per_window, dim=1)  # (B, n_windows, E)
+                sequences.append(feature_map[:, idx])  # CLS + one window, every image
+        n = len(sequences)
+        cls = tower(clip, torch.cat(sequences))[:, 0] @ visual.proj  # window-major: (n * B, E)
+        windows[k] = cls.reshape(n, images.shape[0], -1).transpose(0, 1)  # (B, n_windows, E)
     return image, patches, windows, grid
 
 

@@ -78,6 +78,17 @@ def _largest_cluster_mean(data: np.ndarray, labels: np.ndarray) -> np.ndarray | 
     return np.mean(data[labels == label], axis=0)
 
 
+def _within(data: np.ndarray, bandwidth: float, margin: float = 1e-3) -> bool:
+    """True when every pairwise distance is clearly below ``bandwidth``. Then flat-kernel mean
+    shift seeded at every point moves each seed to the mean of all points in one step (the mean
+    of a convex hull stays within ``bandwidth`` of every point), so there is one cluster holding
+    every point: its mean is the mean of the data. Always the case for L2-normalised vectors and
+    the official bandwidth 2 unless two are (nearly) antipodal."""
+    sq = np.sum(data.astype(np.float64) ** 2, axis=1)
+    dist2 = sq[:, None] + sq[None, :] - 2 * data.astype(np.float64) @ data.astype(np.float64).T
+    return bool(np.sqrt(max(float(dist2.max()), 0.0)) < bandwidth - margin)
+
+
 def representative_vector(embeddings: torch.Tensor, method: str, *, dbscan: tuple[float, int] = (0.5, 15),
                           fp16: bool = True) -> torch.Tensor:
     """One L2-normalised vector (fp32) for a state's L2-normalised prompt embeddings (n, E).
@@ -106,8 +117,11 @@ def representative_vector(embeddings: torch.Tensor, method: str, *, dbscan: tupl
         from sklearn.cluster import DBSCAN, MeanShift
 
         eps, min_samples = dbscan
-        model = DBSCAN(eps=eps, min_samples=min_samples) if method == "dbscan" else MeanShift(bandwidth=MEAN_SHIFT_BANDWIDTH)
-        vector = _largest_cluster_mean(data, model.fit(data).labels_)
+        if method == "mean_shift" and _within(data, MEAN_SHIFT_BANDWIDTH):
+            vector = np.mean(data, axis=0)  # what MeanShift returns here, without its O(n^2 x seeds) search
+        else:
+            model = DBSCAN(eps=eps, min_samples=min_samples) if method == "dbscan" else MeanShift(bandwidth=MEAN_SHIFT_BANDWIDTH)
+            vector = _largest_cluster_mean(data, model.fit(data).labels_)
         if vector is None:  # the official code fails here (argmax of an empty array)
             logger.warning("DBSCAN found no cluster (eps %s, min_samples %s): using the mean", eps, min_samples)
             vector = data.mean(axis=0)
