@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyperparameter override (repeatable; VALUE parsed as YAML)")
     args = parser.parse_args()
 
     from zsadcli.core.devices import PRECISIONS
@@ -69,9 +71,13 @@ def main() -> None:
     cls = get_method(args.method)
     backbone, default_size = build_backbone(args.arch or ARCH_OF_BACKBONE[cls.backbone_key], cls.quick_gelu)
     size = args.image_size or default_size
-    method = cls(backbone, {"image_size": size}).eval()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.hparam)}
+    method = cls(backbone, {"image_size": size, **overrides}).eval()
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
-    print(f"method {args.method}, backbone {backbone.source}, {size}x{size} px, torch {torch.__version__}, "
+    print(f"method {args.method}{' ' + ' '.join(args.hparam) if args.hparam else ''}, backbone {backbone.source}, "
+          f"{size}x{size} px, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'device':<7}{'precision':<10}{'batch':>6}{'bare img/s':>12}{'method img/s':>14}{'cost vs bare':>14}")
     for device in devices:

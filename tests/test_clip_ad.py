@@ -303,3 +303,15 @@ def test_predict_contract(b16plus_file, synthetic_root, tmp_path):
     bad = runner.invoke(app, ["predict", str(image), "--method", "clip-ad", "--backbone-file", str(b16plus_file),
                               "--rep-vec", "median"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize("method", ["clip-ad", "clip-ad+"])
+def test_bf16_is_close_to_fp32(b16plus_file, heads_file, images, method):
+    checkpoint = str(heads_file) if method == "clip-ad+" else None
+    with torch.no_grad():
+        exact = build(b16plus_file, method=method, checkpoint=checkpoint)(images[:1])
+        spec = MethodSpec(method, backbone_file=str(b16plus_file), image_size=240, dtype=torch.bfloat16,
+                          class_name="bottle", checkpoint=checkpoint)
+        fast = build_method(spec).method(images[:1])
+    assert (exact.image_score - fast.image_score).abs().max() < 0.05
+    assert (exact.anomaly_map - fast.anomaly_map).abs().max() < 0.05 * max(1.0, float(exact.anomaly_map.abs().max()))

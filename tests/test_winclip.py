@@ -180,3 +180,12 @@ def test_predict_contract(b16plus_file, synthetic_root, tmp_path):
     refused = runner.invoke(app, ["predict", str(image), "--method", "winclip", "--backbone-file", str(b16plus_file),
                                   "--rep-vec", "dbscan"])
     assert refused.exit_code == 2
+
+
+def test_bf16_is_close_to_fp32(b16plus_file, images):
+    spec = MethodSpec("winclip", backbone_file=str(b16plus_file), image_size=240, dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = build(b16plus_file)(images[:1])
+        fast = build_method(spec).method(images[:1])
+    assert (exact.image_score - fast.image_score).abs().max() < 0.05
+    assert (exact.anomaly_map - fast.anomaly_map).abs().max() < 0.05

@@ -227,9 +227,11 @@ class ClipBackbone(nn.Module):
             patches = pos[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
             base, _, flag = mode.partition("+")
             extra = {} if base == "nearest" else {"align_corners": False}
-            if flag == "antialias":
+            if flag == "antialias":  # (the antialiased kernels run in fp32 only on the CPU)
                 extra["antialias"] = True
-            patches = F.interpolate(patches, size=(grid, grid), mode=base, **extra)
+                patches = F.interpolate(patches.float(), size=(grid, grid), mode=base, **extra).to(pos.dtype)
+            else:
+                patches = F.interpolate(patches, size=(grid, grid), mode=base, **extra)
             out = torch.cat([pos[:1], patches.reshape(1, pos.shape[-1], grid * grid)[0].T], dim=0)
         self._pos_cache = {key: out}
         return out
