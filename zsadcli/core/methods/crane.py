@@ -315,7 +315,11 @@ class Crane(Method):
         else:  # the mean of each image's own Gram matrix (= the official one at batch 1)
             mean = torch.stack([s.mean() for s in sim]).view(batch, 1, 1)
         sim = (sim - mean * float(hp["dattn_beta"])) * float(hp["dattn_gamma"])
-        sim = sim.masked_fill(sim < 0, float("-inf"))
+        negative = sim < 0
+        # A row is fully masked only when beta * mean >= 1 (not even the diagonal survives); the
+        # official code returns NaN there. Such rows keep their unmasked weights instead.
+        negative &= ~negative.all(dim=-1, keepdim=True)
+        sim = sim.masked_fill(negative, float("-inf"))
         weights = sim.to(v.dtype).softmax(dim=-1)  # the same weights for every head
         out = F.linear(weights @ v, attn.out_proj.weight, attn.out_proj.bias)
         return self.backbone.project(out)
