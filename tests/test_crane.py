@@ -13,7 +13,7 @@ from open_clip.tokenizer import tokenize
 from typer.testing import CliRunner
 
 from reference_crane import crane_reference, crane_reference_loss, dino_features
-from tinyclip import build_tiny_open_clip, tiny_state_dict
+from tinyclip import build_tiny_open_clip
 from tinydino import tiny_dinov2_state_dict
 from zsadcli.cli import app
 from zsadcli.core.backbone import backbone_from_state_dict

@@ -229,8 +229,8 @@ class Crane(Method):
             return layer
         return max(1, min(depth, round(layer * depth / 24)))
 
-    def _load_dino(self) -> DinoFeatures:
-        return None  # Crane has no D-Attn (overridden by Crane+)
+    def _load_dino(self) -> DinoFeatures | None:
+        return None  # Crane has no D-Attn (Crane+ overrides this)
 
     # ------------------------------------------------------------------ settings
     def set_dataset(self, name: str) -> None:
