@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,30 @@ def build_backbone(arch: str, quick_gelu: bool):
     return backbone_from_state_dict(state, quick_gelu=quick_gelu, source=f"random {name}"), size
 
 
+def random_dino_file(tiny: bool) -> str:
+    """Crane+'s DINOv2: random weights of the real ViT-B/14-reg4 shape (timm layout), or the tests'
+    tiny one, in a temporary file (its D-Attn reads them through --dino-file)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    if tiny:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tinydino import tiny_dinov2_state_dict
+
+        state = tiny_dinov2_state_dict()
+    else:
+        import timm
+
+        torch.manual_seed(0)
+        state = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict()
+    path = Path(tempfile.mkdtemp(prefix="zsad-bench-")) / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, kernels, cached text features)
     best = float("inf")
@@ -69,7 +94,10 @@ def main() -> None:
     cls = get_method(args.method)
     backbone, default_size = build_backbone(args.arch or ARCH_OF_BACKBONE[cls.backbone_key], cls.quick_gelu)
     size = args.image_size or default_size
-    method = cls(backbone, {"image_size": size}).eval()
+    hparams = {"image_size": size}
+    if "dino_file" in cls.defaults:  # Crane+ needs DINOv2 weights too
+        hparams["dino_file"] = random_dino_file(args.arch == "tiny")
+    method = cls(backbone, hparams).eval()
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     print(f"method {args.method}, backbone {backbone.source}, {size}x{size} px, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

@@ -84,6 +84,10 @@ class Method(nn.Module):
             self.class_name = name
             self.invalidate_caches()
 
+    def set_dataset(self, name: str) -> None:
+        """Eval hook: the name of the test dataset about to be scored, for methods whose authors
+        use per-dataset settings (e.g. Crane+'s soft mean on DAGM and medical sets). Default: none."""
+
     def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Eval-time hook over a whole class (e.g. CLIP-AD's transductive fusion); default: unchanged."""
         return image_scores
