@@ -262,7 +262,7 @@ def test_anomalyclip_files_are_not_crane_checkpoints(tmp_path, files):
 
     path = tmp_path / "ac.pth"
     torch.save(authors_checkpoint(), path)
-    with pytest.raises(BadInput, match="not a crane checkpoint"):
+    with pytest.raises(BadInput, match="does not hold crane weights"):
         build_method(MethodSpec("crane", backbone="tiny-clip", checkpoint=str(path), image_size=56))
 
 
