@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,30 @@ def build_backbone(arch: str, quick_gelu: bool):
     state = {k: v.float() for k, v in model.state_dict().items()}
     del model
     return backbone_from_state_dict(state, quick_gelu=quick_gelu, source=f"random {name}"), size
+
+
+def random_dino_file(tiny: bool) -> str:
+    """Crane+'s DINOv2: random weights of the real ViT-B/14-reg4 shape (timm layout), or the tests'
+    tiny one, in a temporary file (its D-Attn reads them through --dino-file)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    if tiny:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tinydino import tiny_dinov2_state_dict
+
+        state = tiny_dinov2_state_dict()
+    else:
+        import timm
+
+        torch.manual_seed(0)
+        state = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict()
+    path = Path(tempfile.mkdtemp(prefix="zsad-bench-")) / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
 
 
 def timed(fn, repeats: int) -> float:
@@ -73,8 +98,11 @@ def main() -> None:
     size = args.image_size or default_size
     import yaml
 
-    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.hparam)}
-    method = cls(backbone, {"image_size": size, **overrides}).eval()
+    hparams = {"image_size": size}
+    if "dino_file" in cls.defaults:  # Crane+ needs DINOv2 weights too
+        hparams["dino_file"] = random_dino_file(args.arch == "tiny")
+    hparams.update({k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.hparam)})
+    method = cls(backbone, hparams).eval()
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     print(f"method {args.method}{' ' + ' '.join(args.hparam) if args.hparam else ''}, backbone {backbone.source}, "
           f"{size}x{size} px, torch {torch.__version__}, "

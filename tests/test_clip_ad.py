@@ -102,7 +102,7 @@ def test_dbscan_picks_the_largest_cluster_and_keys_on_visa(b16plus_file, clip, i
     assert (out.image_score - scores).abs().max() <= 1e-5
     default = build(b16plus_file)
     assert default.dbscan_parameters() == (0.5, 15)
-    default.set_dataset_name("visa")  # eval and train name the dataset
+    default.set_dataset("visa")  # eval names the dataset (train: set_training_dataset)
     assert default.dbscan_parameters() == (1.5, 25)
     assert build(b16plus_file, dataset="visa").dbscan_parameters() == (1.5, 25)  # predict: --hparam dataset=visa
 
@@ -226,7 +226,7 @@ def test_eval_transductive_is_reported(b16plus_file, small_data, tmp_path):
 @pytest.mark.parametrize("dataset,sigma", [(None, 8), ("visa", 2)])
 def test_sdp_plus_matches_the_official_computation(b16plus_file, clip, images, heads_file, dataset, sigma):
     method = build(b16plus_file, method="clip-ad+", checkpoint=heads_file)
-    method.set_dataset_name(dataset)
+    method.set_dataset(dataset)
     assert method.sigma == sigma
     with torch.no_grad():
         out = method(images)

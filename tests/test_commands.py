@@ -113,6 +113,11 @@ def test_predict_unknown_method_and_foreign_checkpoint(runner, tmp_path, checkpo
     vip = tmp_path / "vip.pth"
     torch.save({"prompt_learner": {"ctx": torch.zeros(1)}, "Zero_try": {"w": torch.zeros(1)}}, vip)
     assert runner.invoke(app, ["predict", image, "--checkpoint", str(vip), *TINY]).exit_code == 2
+    crane_like = tmp_path / "crane.pth"
+    state = authors_checkpoint()["prompt_learner"]
+    torch.save({"prompt_learner": {k: v for k, v in state.items() if "projections" not in k}}, crane_like)
+    refused = runner.invoke(app, ["predict", image, "--checkpoint", str(crane_like), *TINY])
+    assert refused.exit_code == 2 and "does not hold anomalyclip weights" in refused.output
     no_weights = runner.invoke(app, ["predict", image, *TINY])
     assert no_weights.exit_code == 2 and "--train-on" in no_weights.output
 

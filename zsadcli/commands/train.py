@@ -78,7 +78,7 @@ def train(
                        hparams=method_hparams(dino_file=dino_file, dattn_mean=dattn_mean,
                                               fix_normal_prompt=fix_normal_prompt, hparam=hparam))
     built = build_method(spec)
-    built.method.set_dataset_name(on)
+    built.method.set_training_dataset(on)
     dataset = MetaDataset(root, items, built.method.preprocess, built.method.input_size, built.method.mask_resample)
     config = {"command": "train", "method": built.description, "trained_on": on, "data_root": str(root),
               "items": len(items), "epochs": epochs, "batch_size": batch_size, "lr": lr,

@@ -3,7 +3,8 @@
 Several methods keep the original CLIP forward intact and, from some block on, also carry a
 second residual stream whose attention is replaced:
 - AnomalyCLIP's DPAM / CLIP-Surgery's v-v attention: softmax(V V^T * s) V, no MLP on that path;
-- Crane's E-Attn and CLIP-AD's staged surgery are further `AltAttention`s on the same mechanism.
+- Crane's E-Attn (qq+kk+vv) and its variants are further `AltAttention`s on the same mechanism;
+  CLIP-AD's staged surgery can be one too.
 The alternate path always reads the *original* stream's LayerNorm output, reuses the block's
 own qkv and output projections, and adds its attention to its own residual stream.
 """
@@ -25,7 +26,36 @@ def vv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return F.scaled_dot_product_attention(v, v, v)
 
 
-ALT_ATTENTIONS: dict[str, AltAttention] = {"vv": vv_attention}
+def _self_attention(x: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(x x^T * s) v (s = head_dim^-1/2 unless given)."""
+    return F.scaled_dot_product_attention(x, x, v, scale=scale)
+
+
+def eattn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Crane's E-Attn: (softmax(QQ^T s) + softmax(KK^T s) + softmax(VV^T s)) V.
+
+    The three row-stochastic matrices are summed without renormalising (rows sum to 3), as the
+    official code does; by linearity this is the sum of three attention outputs.
+    """
+    return _self_attention(v, v) + _self_attention(k, v) + _self_attention(q, v)
+
+
+def qkv_concat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Crane's "(q+k+v)^2" variant: self-attention of [q, k, v] concatenated per head,
+    scale head_dim^-1/2 * 3^-1/2."""
+    joint = torch.cat([q, k, v], dim=-1)
+    return _self_attention(joint, v, scale=q.shape[-1] ** -0.5 * 3 ** -0.5)
+
+
+ALT_ATTENTIONS: dict[str, AltAttention] = {
+    "vv": vv_attention,
+    # Crane's E-Attn (default "qq+kk+vv") and the variants its code offers
+    "qq+kk+vv": eattn_attention,
+    "qq": lambda q, k, v: _self_attention(q, v),
+    "kk": lambda q, k, v: _self_attention(k, v),
+    "qq+kk": lambda q, k, v: _self_attention(k, v) + _self_attention(q, v),
+    "(q+k+v)^2": qkv_concat_attention,
+}
 
 
 @dataclass(frozen=True)
@@ -56,12 +86,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def dual_block(block: nn.Module, x: torch.Tensor, alt: torch.Tensor | None,
-               path: DualPath) -> tuple[torch.Tensor, torch.Tensor]:
+               path: DualPath, *, post_attn: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of the dual path: (original stream, alternate stream) -> next of both.
 
     Original: x + Attn(LN1(x)), then + MLP(LN2(.)) — the frozen block unchanged.
     Alternate: alt + AltAttn(LN1(x)) with alt = x at the first dual block; no MLP.
     qkv and the output projection are computed once for both paths.
+    ``post_attn``, when given, receives ``"original"``: the original stream after the
+    attention and before the MLP (Crane+'s D-Attn reads this state, see methods/crane.py).
     """
     q, k, v = split_qkv(block, block.ln_1(x))
     original = F.scaled_dot_product_attention(q, k, v)
@@ -70,6 +103,8 @@ def dual_block(block: nn.Module, x: torch.Tensor, alt: torch.Tensor | None,
     both = F.linear(merge_heads(torch.cat([original, alternate])), out_proj.weight, out_proj.bias)
     original_out, alternate_out = both.chunk(2)
     x_next = x + block.ls_1(original_out)
+    if post_attn is not None:
+        post_attn["original"] = x_next
     x_next = x_next + block.ls_2(block.mlp(block.ln_2(x_next)))
     alt_next = (x if alt is None else alt) + block.ls_1(alternate_out)
     return x_next, alt_next

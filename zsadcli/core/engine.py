@@ -97,8 +97,8 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     elif checkpoint is not None:
         implied = cls.authors_checkpoint_hparams(checkpoint.raw)
         if implied is None:
-            raise BadInput(f"checkpoint {checkpoint.path} is not a {cls.name} checkpoint (neither zsad's format "
-                           f"nor the authors').", hint="check --method and --checkpoint")
+            raise BadInput(f"checkpoint {checkpoint.path} does not hold {cls.name} weights (in neither zsad's "
+                           "format nor the authors').", hint="check --method and --checkpoint")
         hparams.update(implied)
     hparams.update(spec.hparams)
     if spec.class_name and not cls.uses_class_name:

@@ -55,7 +55,7 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
                      class_name: str | None = None) -> DatasetResult:
     """``class_name`` fixes the object name of class-aware prompts; by default each class's own."""
     result = DatasetResult(name, aupro_variant)
-    method.set_dataset_name(name)
+    method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     for cls, items in meta["test"].items():
         if classes and cls not in classes:

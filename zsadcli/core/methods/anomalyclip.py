@@ -127,6 +127,10 @@ class AnomalyCLIP(Method):
         state = obj.get("prompt_learner") if isinstance(obj, dict) else None
         if not isinstance(state, dict) or "ctx_pos" not in state or len(obj) != 1:
             return None
+        # The official code always saves its (unused) projections; Crane's files, otherwise the
+        # same layout, do not: without them this is another method's checkpoint.
+        if not any(k.startswith("compound_prompt_projections.") for k in state):
+            return None
         return ObjectAgnosticPrompts.hparams_from_state(state)
 
     def import_authors_checkpoint(self, obj: Any) -> None:

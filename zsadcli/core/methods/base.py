@@ -75,7 +75,6 @@ class Method(nn.Module):
         self.hparams = {**self.defaults, **(hparams or {})}
         self.ablate = frozenset(ablate)
         self.class_name = "object"
-        self.dataset_name: str | None = None
         self.batch_class_names: list[str] | None = None
 
     # ----------------------------------------------------------------- inference
@@ -92,12 +91,13 @@ class Method(nn.Module):
         None: ``class_name`` for every image. Only class-aware methods read it."""
         self.batch_class_names = list(names) if names is not None else None
 
-    def set_dataset_name(self, name: str | None) -> None:
-        """The dataset being evaluated or trained on (a few official recipes key settings on it,
-        e.g. CLIP-AD's DBSCAN parameters for VisA)."""
-        if name != self.dataset_name:
-            self.dataset_name = name
-            self.invalidate_caches()
+    def set_dataset(self, name: str) -> None:
+        """Eval hook: the name of the test dataset about to be scored, for methods whose authors
+        use per-dataset settings (e.g. Crane+'s soft mean on DAGM and medical sets). Default: none."""
+
+    def set_training_dataset(self, name: str) -> None:
+        """Train hook: the name of the auxiliary dataset about to be trained on, for recipes keyed
+        on it (e.g. CLIP-AD's DBSCAN parameters for VisA). Default: none."""
 
     def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Eval-time hook over a whole class (e.g. CLIP-AD's transductive fusion); default: unchanged."""

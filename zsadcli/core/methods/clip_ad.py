@@ -176,6 +176,14 @@ class ClipAD(Method):
         self.layers = layers[-1:] if "last-layer-only" in self.ablate else layers
         self.tap_layers = layers  # the image score reads the last configured layer either way
         self._text_cache: dict[tuple, torch.Tensor] = {}
+        self.dataset_name: str | None = None
+
+    def set_dataset(self, name: str | None) -> None:
+        """The official scripts key DBSCAN's parameters (and SDP+'s smoothing) on the dataset name."""
+        self.dataset_name = name
+
+    def set_training_dataset(self, name: str) -> None:
+        self.set_dataset(name)  # train.py builds its text vectors with the training set's name
 
     def _depth_relative(self, layer: int) -> int:
         """Layer numbers are written for the 12-block ViT-B-16-plus-240; map them onto other depths."""
