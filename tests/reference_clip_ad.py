@@ -185,3 +185,36 @@ def clip_ad_reference(clip, images, class_name="object", rep_vec="dbscan", datas
     amap = np.stack([gaussian_filter(m, sigma=sigma) for m in amap])
     scores = (100.0 * surgery[-1][:, 0] @ text.T).softmax(-1)[:, 1]
     return scores, amap
+
+
+def _focal(probs, target, gamma=2.0, smooth=1e-5):
+    """Hsuxu's FocalLoss as CLIP-AD calls it: alpha 1, one-hot clamped to [smooth, 1 - smooth]."""
+    c = probs.shape[1]
+    flat = probs.permute(0, 2, 3, 1).reshape(-1, c)
+    one_hot = torch.zeros(flat.shape[0], c).scatter_(1, target.reshape(-1, 1).long(), 1)
+    one_hot = torch.clamp(one_hot, smooth / (c - 1), 1.0 - smooth)
+    pt = (one_hot * flat).sum(1) + smooth
+    return (-1 * torch.pow(1 - pt, gamma) * pt.log()).mean()
+
+
+def _dice(pred, target):
+    n = target.shape[0]
+    p, t = pred.reshape(n, -1), target.reshape(n, -1)
+    return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).sum() / n
+
+
+def sdp_plus_loss(clip, images, masks, heads, class_names, rep_vec="dbscan", dataset="mvtec"):
+    """train.py's loss for one batch: sum over layers of focal(2-class map) + dice(anomalous map)."""
+    size = images.shape[-1]
+    text = torch.stack([text_features(clip, c, rep_vec, dataset) for c in class_names])  # (B, 2, E)
+    feats = staged_forward(clip, images)
+    loss = 0
+    for i, ori in enumerate(feats["ori"]):
+        f = F.linear(ori[:, 1:, :], heads[f"fc.{i}.weight"], heads[f"fc.{i}.bias"])
+        f = f / f.norm(dim=-1, keepdim=True)
+        logits = 100.0 * f @ text.permute(0, 2, 1)  # (B, L, 2)
+        side = int(logits.shape[1] ** 0.5)
+        logits = logits.permute(0, 2, 1).reshape(-1, 2, side, side)
+        probs = torch.softmax(F.interpolate(logits, size=size, mode="bilinear", align_corners=True), dim=1)
+        loss = loss + _focal(probs, masks) + _dice(probs[:, 1], masks)
+    return loss

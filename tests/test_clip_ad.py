@@ -236,6 +236,25 @@ def test_sdp_plus_matches_the_official_computation(b16plus_file, clip, images, h
     assert (out.image_score - scores).abs().max() <= 1e-5
 
 
+def test_sdp_plus_training_loss_is_the_official_one(b16plus_file, clip, images, heads_file):
+    from reference_clip_ad import sdp_plus_loss
+
+    method = build(b16plus_file, method="clip-ad+", checkpoint=heads_file)
+    masks = torch.zeros(2, 240, 240)
+    masks[0, 60:130, 90:200] = 1
+    method.train()
+    method.set_batch_class_names(["bottle", "screw"])  # a batch mixing classes, as training does
+    loss, parts = method.loss(method(images), masks, torch.tensor([1, 0]))
+    method.set_batch_class_names(None)
+    method.eval()
+    expected = sdp_plus_loss(clip, images, masks, authors_heads()["linear_layers"], ["bottle", "screw"])
+    assert abs(float(loss) - float(expected)) <= 1e-5 * max(1.0, float(expected))
+    assert set(parts) == {"focal", "dice"}
+    loss.backward()  # only the heads learn
+    assert all(p.grad is not None for p in method.fc.parameters())
+    assert all(p.grad is None for p in method.backbone.parameters())
+
+
 def test_sdp_plus_needs_heads_and_checks_them(b16plus_file, tmp_path):
     with pytest.raises(BadInput, match="needs learned weights"):
         build(b16plus_file, method="clip-ad+")
