@@ -74,8 +74,14 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> L
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BadInput(f"checkpoint {path} cannot be read as a weights-only torch file "
-                       f"({type(exc).__name__}: {str(exc)[:160]}).",
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            detail = "it is a pickle that needs code to load"
+        else:
+            detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise BadInput(f"checkpoint {path} cannot be read as a {'' if allow_pickle else 'weights-only '}torch file "
+                       f"({detail}).",
                        hint="zsad refuses pickles that need code to load; --allow-pickle (where a method offers "
                             "it) loads them, but unpickling runs code from the file: only for files you trust") from None
     return LoadedCheckpoint(path, "authors", None, raw=raw)
