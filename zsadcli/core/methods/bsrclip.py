@@ -107,19 +107,15 @@ def gaussian_kernel2d(size: int, sigma: float) -> torch.Tensor:
 
 def aggregate_neighbours(tokens: torch.Tensor, grid: int, kernel: torch.Tensor | None) -> torch.Tensor:
     """Each patch token replaced by the ``kernel``-weighted sum of its r x r neighbourhood on the
-    zero-padded patch grid (weights not renormalised at the border); CLS (first) unchanged."""
+    zero-padded patch grid (weights not renormalised at the border); CLS (first) unchanged.
+    A depthwise convolution (the kernel is symmetric, so correlation and convolution agree)."""
     if kernel is None:
         return tokens
     size = kernel.shape[0]
-    pad = size // 2
     batch, _, width = tokens.shape
-    patches = tokens[:, 1:].reshape(batch, grid, grid, width)
-    padded = F.pad(patches, (0, 0, pad, pad, pad, pad))
-    out = torch.zeros_like(patches)
-    for dy in range(size):
-        for dx in range(size):
-            out = out + padded[:, dy:dy + grid, dx:dx + grid] * kernel[dy, dx]
-    return torch.cat([tokens[:, :1], out.reshape(batch, grid * grid, width)], dim=1)
+    patches = tokens[:, 1:].reshape(batch, grid, grid, width).permute(0, 3, 1, 2)
+    out = F.conv2d(patches, kernel.to(tokens).expand(width, 1, size, size), padding=size // 2, groups=width)
+    return torch.cat([tokens[:, :1], out.flatten(2).transpose(1, 2)], dim=1)
 
 
 def background_calibration(logits: torch.Tensor, probs: torch.Tensor, *, beta0: float, bg_quantile: float,
@@ -290,8 +286,7 @@ class BSRCLIP(Method):
         sets = []
         for layer in self.layers:
             for kernel in self.kernels.values():
-                tokens = aggregate_neighbours(taps[layer], grid,
-                                              None if kernel is None else kernel.to(taps[layer]))
+                tokens = aggregate_neighbours(taps[layer], grid, kernel)
                 sets.append(self.backbone.project(self.adaptor(tokens)))
         return sets
 
