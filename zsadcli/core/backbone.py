@@ -9,6 +9,7 @@ tower is open_clip's ``encode_text`` operation for operation.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import zipfile
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsadcli.core.attention import DualPath, dual_block
+from zsadcli.core.attention import DualPath, dual_block, split_qkv
 from zsadcli.errors import BadInput
 
 # TorchScript archives from OpenAI carry these non-tensor entries; loaders drop them.
@@ -163,12 +164,15 @@ def build_clip(state_dict: dict[str, torch.Tensor], *, quick_gelu: bool, source:
 
 @dataclass
 class ImageFeatures:
-    """Raw residual-stream tokens (B, 1 + N, C), CLS first, by 1-based block index."""
+    """Raw residual-stream tokens (B, 1 + N, C), CLS first, by 1-based block index; with
+    ``attn_probs`` requested, the head-averaged attention probabilities (B, 1 + N, 1 + N) of
+    those blocks (rows: queries)."""
 
     tokens: torch.Tensor
     taps: dict[int, torch.Tensor] = field(default_factory=dict)
     alt_taps: dict[int, torch.Tensor] = field(default_factory=dict)
     grid: int = 0
+    attn_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ClipBackbone(nn.Module):
@@ -250,11 +254,14 @@ class ClipBackbone(nn.Module):
 
     def forward_image(self, images: torch.Tensor, taps: Iterable[int] = (), *,
                       dual: DualPath | None = None, pos_mode: str = "bilinear",
-                      stop_after: int | None = None) -> ImageFeatures:
+                      stop_after: int | None = None, attn_probs: Iterable[int] = ()) -> ImageFeatures:
         """Run the image tower. ``taps`` are 1-based block indices whose output (raw residual
-        stream, before ``ln_post``) is returned; with ``dual`` the alternate stream is tapped too."""
+        stream, before ``ln_post``) is returned; with ``dual`` the alternate stream is tapped too.
+        ``attn_probs``: blocks whose head-averaged softmax(QK^T) of the original stream is returned
+        (computed beside the block, which itself runs unchanged)."""
         taps = set(taps)
-        bad = [t for t in taps if not 1 <= t <= self.vision_layers]
+        attn_probs = set(attn_probs)
+        bad = [t for t in taps | attn_probs if not 1 <= t <= self.vision_layers]
         if bad:
             raise BadInput(f"layer(s) {sorted(bad)} do not exist: this backbone has {self.vision_layers} blocks.")
         x, grid = self.embed_image(images, pos_mode)
@@ -263,6 +270,8 @@ class ClipBackbone(nn.Module):
         alt = None
         last = stop_after or self.vision_layers
         for index, block in enumerate(self.visual.transformer.resblocks[:last], start=1):
+            if index in attn_probs:
+                features.attn_probs[index] = self.attention_probs(block, x)
             if dual is not None and index >= dual.start:
                 x, alt = dual_block(block, x, alt, dual)
             else:
@@ -273,6 +282,19 @@ class ClipBackbone(nn.Module):
                     features.alt_taps[index] = alt
         features.tokens = x
         return features
+
+    @staticmethod
+    def attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) of ``block`` on its input ``x``, averaged over heads:
+        (B, L, L). The order of operations follows torch's ``need_weights=True`` path
+        (q scaled first, then q k^T), which is what code that asks nn.MultiheadAttention for its
+        weights gets."""
+        q, k, _ = split_qkv(block, block.ln_1(x))
+        batch, heads, tokens, head_dim = q.shape
+        q = q.reshape(batch * heads, tokens, head_dim) * math.sqrt(1.0 / head_dim)
+        k = k.reshape(batch * heads, tokens, head_dim)
+        probs = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+        return probs.view(batch, heads, tokens, tokens).mean(dim=1)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on any tapped tokens: (..., C) -> (..., embed_dim)."""

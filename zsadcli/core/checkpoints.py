@@ -69,12 +69,44 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> L
         return LoadedCheckpoint(path, "zsad", metadata["method"], json.loads(metadata.get("hparams") or "{}"),
                                 metadata, tensors=tensors)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        if allow_pickle:
+            raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_standin_pickle())
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BadInput(f"checkpoint {path} cannot be read as a weights-only torch file "
-                       f"({type(exc).__name__}: {str(exc)[:160]}).",
-                       hint="zsad refuses pickles that need code to load (see --allow-pickle where a method offers it)") from None
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            detail = "it is a pickle that needs code to load"
+        else:
+            detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise BadInput(f"checkpoint {path} cannot be read as a {'' if allow_pickle else 'weights-only '}torch file "
+                       f"({detail}).",
+                       hint="zsad refuses pickles that need code to load; --allow-pickle (where a method offers "
+                            "it) loads them, but unpickling runs code from the file: only for files you trust") from None
     return LoadedCheckpoint(path, "authors", None, raw=raw)
+
+
+# Classes that authors' whole-object pickles name but zsad does not ship, e.g. BSR-CLIP's
+# ``clip.adaptor.Adaptor``: (module, name) -> a stand-in class (an nn.Module subclass restores a
+# module's parameters and children as is). Consulted only under allow_pickle.
+PICKLE_STANDINS: dict[tuple[str, str], type] = {}
+
+
+def _standin_pickle():
+    """A ``pickle`` module whose Unpickler resolves PICKLE_STANDINS first."""
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            standin = PICKLE_STANDINS.get((module, name))
+            return standin if standin is not None else super().find_class(module, name)
+
+    shim = types.ModuleType("zsad_standin_pickle")
+    shim.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
+    shim.Unpickler = Unpickler
+    return shim
 
 
 def identify_authors_method(checkpoint: LoadedCheckpoint, candidates: dict[str, type]) -> dict[str, dict]:

@@ -95,6 +95,7 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
                            hint=f"use --method {checkpoint.method}, or a {cls.name} checkpoint")
         hparams.update(checkpoint.hparams)
     elif checkpoint is not None:
+        checkpoint.raw = cls.read_authors_checkpoint(checkpoint, allow_pickle=spec.allow_pickle)
         implied = cls.authors_checkpoint_hparams(checkpoint.raw)
         if implied is None:
             raise BadInput(f"checkpoint {checkpoint.path} does not hold {cls.name} weights (in neither zsad's "

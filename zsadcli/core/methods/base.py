@@ -166,6 +166,13 @@ class Method(nn.Module):
         """Hyperparameters implied by an authors'-format checkpoint, or None if it is not one."""
         return None
 
+    @classmethod
+    def read_authors_checkpoint(cls, checkpoint: Any, *, allow_pickle: bool) -> Any:
+        """The object the two hooks above receive for an authors'-format ``checkpoint``
+        (a LoadedCheckpoint). Default: the file's content; a method whose authors' weights span
+        several files reads the others here (beside ``checkpoint.path``)."""
+        return checkpoint.raw
+
     def import_authors_checkpoint(self, obj: Any) -> None:
         raise NotImplementedError
 
