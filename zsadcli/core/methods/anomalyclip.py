@@ -54,7 +54,6 @@ class AnomalyCLIP(Method):
         self.layers = tuple(self._depth_relative(l) for l in self.layers)
         start = self._depth_relative(int(hp["dpam_start"]))
         self.dual = None if "no-dpam" in self.ablate else DualPath(start=start, attention="vv")
-        self._text_cache: torch.Tensor | None = None
 
     def _depth_relative(self, layer: int) -> int:
         """Layer numbers are written for 24-block ViT-L/14; map them onto other depths."""
@@ -68,25 +67,16 @@ class AnomalyCLIP(Method):
     # ------------------------------------------------------------------ text
     def text_features(self) -> torch.Tensor:
         """(2, E) L2-normalised [normal, anomalous]; computed once per model outside training."""
-        if self._text_cache is not None and not self.training:
-            return self._text_cache
+        return self.cached("text", self._compute_text_features)
+
+    def _compute_text_features(self) -> torch.Tensor:
         embeddings, ids, deep = self.prompts()
         if "no-deep-prompts" in self.ablate:
             deep = []
         if self.hparams["fp16_deep_prompts"]:
             deep = [p.half().float() for p in deep]  # the official insertion casts with .half()
         features = self.backbone.encode_text_embeddings(embeddings, ids.argmax(dim=-1), deep).float()
-        features = F.normalize(features, dim=-1)
-        if not self.training:
-            self._text_cache = features.detach()
-        return features
-
-    def invalidate_caches(self) -> None:
-        self._text_cache = None
-
-    def train(self, mode: bool = True):
-        self.invalidate_caches()
-        return super().train(mode)
+        return F.normalize(features, dim=-1)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MethodOutput:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Hashable
 
 import torch
 from PIL import Image
@@ -75,6 +75,7 @@ class Method(nn.Module):
         self.hparams = {**self.defaults, **(hparams or {})}
         self.ablate = frozenset(ablate)
         self.class_name = "object"
+        self._cache: dict[Hashable, Any] = {}
         self.batch_class_names: list[str] | None = None
 
     # ----------------------------------------------------------------- inference
@@ -176,5 +177,24 @@ class Method(nn.Module):
     def import_authors_checkpoint(self, obj: Any) -> None:
         raise NotImplementedError
 
+    def cached(self, key: Hashable, compute: Callable[[], Any], *, learned: bool = True) -> Any:
+        """A value computed once per model and then reused, such as static text features.
+
+        ``learned`` values depend on trainable parameters: in training they are recomputed on
+        every call (gradients must flow); otherwise they are cached (tensors detached).
+        ``invalidate_caches`` drops them: on train()/eval(), after loading weights, and when the
+        class name of class-aware prompts changes."""
+        if learned and self.training:
+            return compute()
+        if key not in self._cache:
+            value = compute()
+            self._cache[key] = value.detach() if isinstance(value, torch.Tensor) else value
+        return self._cache[key]
+
+    def train(self, mode: bool = True) -> "Method":
+        self.invalidate_caches()
+        return super().train(mode)
+
     def invalidate_caches(self) -> None:
-        """Drop anything computed once per model (e.g. static text features)."""
+        """Drop everything ``cached`` holds."""
+        self._cache.clear()

@@ -243,7 +243,6 @@ class BSRCLIP(Method):
         nn.init.normal_(self.state_prompt_embedding, std=0.01)
         self.adaptor = Adaptor(backbone.arch.vision_width, int(hp["adaptor_heads"]), int(hp["adaptor_dim_head"]))
         self.register_buffer("state_prompt_tokens", backbone.tokenize(list(STATE_PROMPTS)).cpu(), persistent=False)
-        self._text_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ switches
     def stage_on(self, stage: str) -> bool:
@@ -259,25 +258,16 @@ class BSRCLIP(Method):
     # ------------------------------------------------------------------ text
     def text_features(self) -> torch.Tensor:
         """(2, E) L2-normalised [normal, anomalous]; cached outside training."""
-        if self._text_cache is not None and not self.training:
-            return self._text_cache
+        return self.cached("text", self._compute_text_features)
+
+    def _compute_text_features(self) -> torch.Tensor:
         ids = self.state_prompt_tokens
         tokens = self.backbone.token_embedding(ids)
         prefix = self.state_prompt_embedding.to(tokens.dtype).expand(ids.shape[0], -1, -1)
         context = self.backbone.arch.context_length
         embeddings = torch.cat([prefix, tokens], dim=1)[:, :context]
         eot = ids.argmax(dim=-1) + prefix.shape[1]
-        features = F.normalize(self.backbone.encode_text_embeddings(embeddings, eot).float(), dim=-1)
-        if not self.training:
-            self._text_cache = features.detach()
-        return features
-
-    def invalidate_caches(self) -> None:
-        self._text_cache = None
-
-    def train(self, mode: bool = True):
-        self.invalidate_caches()
-        return super().train(mode)
+        return F.normalize(self.backbone.encode_text_embeddings(embeddings, eot).float(), dim=-1)
 
     # ------------------------------------------------------------------ forward
     def token_sets(self, taps: dict[int, torch.Tensor], grid: int) -> list[torch.Tensor]:

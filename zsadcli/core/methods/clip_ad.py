@@ -175,7 +175,6 @@ class ClipAD(Method):
             raise BadInput(f"layers {bad} do not exist: this backbone has {backbone.vision_layers} blocks.")
         self.layers = layers[-1:] if "last-layer-only" in self.ablate else layers
         self.tap_layers = layers  # the image score reads the last configured layer either way
-        self._text_cache: dict[tuple, torch.Tensor] = {}
         self.dataset_name: str | None = None
 
     def set_dataset(self, name: str | None) -> None:
@@ -213,9 +212,9 @@ class ClipAD(Method):
     def class_text_features(self, class_name: str) -> torch.Tensor:
         """(2, E) [normal, anomalous] representative vectors for ``class_name``; cached."""
         key = (class_name, self.hparams["rep_vec"], self.dbscan_parameters(), bool(self.hparams["fp16_rep_vec"]))
-        cached = self._text_cache.get(key)
-        if cached is not None:
-            return cached
+        return self.cached(key, lambda: self._representative_vectors(class_name), learned=False)
+
+    def _representative_vectors(self, class_name: str) -> torch.Tensor:
         vectors = []
         with torch.no_grad():
             for states in (NORMAL_STATES, ANOMALOUS_STATES):
@@ -223,9 +222,7 @@ class ClipAD(Method):
                 embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
                 vectors.append(representative_vector(embeddings, self.hparams["rep_vec"], dbscan=self.dbscan_parameters(),
                                                      fp16=bool(self.hparams["fp16_rep_vec"])))
-        features = torch.stack(vectors)
-        self._text_cache[key] = features
-        return features
+        return torch.stack(vectors)
 
     def batch_text_features(self, batch: int) -> torch.Tensor:
         """(B, 2, E): per image its class's vectors (training batches mix classes)."""
@@ -233,9 +230,6 @@ class ClipAD(Method):
         if len(names) != batch:
             raise BadInput(f"{len(names)} class names for a batch of {batch} images.")
         return torch.stack([self.class_text_features(n) for n in names])
-
-    def invalidate_caches(self) -> None:
-        self._text_cache = {}
 
     # ------------------------------------------------------------------ vision
     def staged_features(self, images: torch.Tensor):

@@ -219,7 +219,6 @@ class Crane(Method):
         if self.dattn and min(self.layers) < 2:
             raise BadInput("D-Attn needs layers >= 2 (it reads a block's input).")
         self._dataset: str | None = None
-        self._text_cache: torch.Tensor | None = None
 
     def _layer(self, layer: int) -> int:
         """The official layer numbers are literal (written for 24 blocks); on shallower backbones,
@@ -333,14 +332,12 @@ class Crane(Method):
 
     def static_text(self) -> torch.Tensor:
         """(1, 2, E) L2-normalised [normal, anomalous]; computed once per model outside training."""
-        if self._text_cache is not None and not self.training:
-            return self._text_cache
+        return self.cached("text", self._compute_static_text)
+
+    def _compute_static_text(self) -> torch.Tensor:
         embeddings, ids, _ = self.prompts()
         features = self.backbone.encode_text_embeddings(embeddings, ids.argmax(dim=-1), self._deep()).float()
-        features = F.normalize(features, dim=-1)[None]
-        if not self.training:
-            self._text_cache = features.detach()
-        return features
+        return F.normalize(features, dim=-1)[None]
 
     def context_text(self, image_embedding: torch.Tensor) -> torch.Tensor:
         """(B, 2, E): each image's L2-normalised global feature used as one token after the
@@ -377,12 +374,6 @@ class Crane(Method):
                 return self.context_text(image_embedding)
         return self.static_text()
 
-    def invalidate_caches(self) -> None:
-        self._text_cache = None
-
-    def train(self, mode: bool = True):
-        self.invalidate_caches()
-        return super().train(mode)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MethodOutput:

@@ -188,7 +188,6 @@ class ViP2CLIP(Method):
         self.layers = tuple(self._depth_relative(int(l)) for l in hp["layers"])
         if not self.layers:
             raise BadInput("vip2clip needs at least one layer (hparam layers).")
-        self._text_cache: torch.Tensor | None = None
 
     def _depth_relative(self, layer: int) -> int:
         """Layer numbers are written for 24-block ViT-L/14; map them onto other depths."""
@@ -199,24 +198,15 @@ class ViP2CLIP(Method):
     def text_features(self, g: torch.Tensor) -> torch.Tensor:
         """(B, 2, E) L2-normalised [normal, anomalous] per image. Without image tokens the
         prompts are static and computed once (outside training)."""
-        image_tokens = bool(self.hparams["image_tokens"])
-        if not image_tokens and self._text_cache is not None and not self.training:
-            return self._text_cache.expand(g.shape[0], -1, -1)
-        prompts, eot = self.ica(g if image_tokens else g[:1], image_tokens=image_tokens)
+        if bool(self.hparams["image_tokens"]):
+            return self._encode_prompts(g, image_tokens=True)
+        static = self.cached("text", lambda: self._encode_prompts(g[:1], image_tokens=False))
+        return static.expand(g.shape[0], -1, -1)
+
+    def _encode_prompts(self, g: torch.Tensor, *, image_tokens: bool) -> torch.Tensor:
+        prompts, eot = self.ica(g, image_tokens=image_tokens)
         features = self.backbone.encode_text_embeddings(prompts, eot).float()
-        features = F.normalize(torch.stack(features.chunk(2), dim=1), dim=-1)
-        if not image_tokens:
-            if not self.training:
-                self._text_cache = features.detach()
-            features = features.expand(g.shape[0], -1, -1)
-        return features
-
-    def invalidate_caches(self) -> None:
-        self._text_cache = None
-
-    def train(self, mode: bool = True):
-        self.invalidate_caches()
-        return super().train(mode)
+        return F.normalize(torch.stack(features.chunk(2), dim=1), dim=-1)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MethodOutput:

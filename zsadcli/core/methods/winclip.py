@@ -136,7 +136,6 @@ class WinCLIP(Method):
         if "no-large-windows" in self.ablate:
             scales = scales[:-1]
         self.scales = tuple(scales)
-        self._text_cache: dict[tuple, torch.Tensor] = {}
         self._window_cache: dict[tuple, tuple] = {}
         self._reference_cache: dict[tuple, dict] = {}
 
@@ -157,18 +156,14 @@ class WinCLIP(Method):
     # ------------------------------------------------------------------ text
     def text_features(self) -> torch.Tensor:
         """(2, E) [normal, anomalous]: the mean of each state's unnormalised text embeddings; cached."""
-        key = (self.class_name, bool(self.hparams["dedupe_templates"]))
-        cached = self._text_cache.get(key)
-        if cached is None:
-            normal, anomalous = prompt_ensemble(self.class_name, dedupe=bool(self.hparams["dedupe_templates"]))
-            with torch.no_grad():
-                cached = torch.stack([self.backbone.encode_text(self.backbone.tokenize(prompts)).float().mean(dim=0)
-                                      for prompts in (normal, anomalous)])
-            self._text_cache[key] = cached
-        return cached
+        key = ("text", self.class_name, bool(self.hparams["dedupe_templates"]))
+        return self.cached(key, self._compute_text_features, learned=False)
 
-    def invalidate_caches(self) -> None:
-        self._text_cache = {}
+    def _compute_text_features(self) -> torch.Tensor:
+        normal, anomalous = prompt_ensemble(self.class_name, dedupe=bool(self.hparams["dedupe_templates"]))
+        with torch.no_grad():
+            return torch.stack([self.backbone.encode_text(self.backbone.tokenize(prompts)).float().mean(dim=0)
+                                for prompts in (normal, anomalous)])
 
     # ------------------------------------------------------------------ vision
     def windows(self, grid: int, kernel: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
