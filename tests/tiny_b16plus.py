@@ -10,24 +10,12 @@ from pathlib import Path
 
 import torch
 
+from tinyclip import build_seeded_clip
+
 
 def build_tiny_b16plus(seed: int = 0, *, vision_width: int = 128, embed_dim: int = 32):
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim, CLIPVisionCfg(layers=12, width=vision_width, patch_size=16, image_size=240),
-                 CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=4),
-                 quick_gelu=False)
-    with torch.no_grad():  # randomise the constant-initialised tensors too (no symmetry)
-        for name, tensor in model.named_parameters():
-            if name.endswith("logit_scale"):
-                continue
-            if tensor.ndim == 1 and ("ln" in name or "norm" in name):
-                tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor) if name.endswith("weight")
-                             else 0.1 * torch.randn_like(tensor))
-            elif tensor.ndim == 1:
-                tensor.copy_(0.02 * torch.randn_like(tensor))
-    return model.eval().requires_grad_(False)
+    return build_seeded_clip(seed, embed_dim=embed_dim, vision_layers=12, vision_width=vision_width, patch_size=16,
+                             image_size=240, text_width=64, text_layers=4, quick_gelu=False)
 
 
 def tiny_b16plus_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

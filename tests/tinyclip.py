@@ -17,15 +17,19 @@ TINY_FILE = "tiny_clip.safetensors"
 TINY_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-def build_tiny_open_clip(seed: int = 0, quick_gelu: bool = True):
+def build_seeded_clip(seed: int = 0, *, embed_dim: int, vision_layers: int, vision_width: int, patch_size: int,
+                      image_size: int, text_width: int, text_layers: int, quick_gelu: bool):
+    """A frozen open_clip CLIP with seeded random weights (heads = width // 64, as CLIP's)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(seed)
-    model = CLIP(32, CLIPVisionCfg(layers=24, width=128, patch_size=14, image_size=224),
-                 CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=12),
+    model = CLIP(embed_dim, CLIPVisionCfg(layers=vision_layers, width=vision_width, patch_size=patch_size,
+                                          image_size=image_size),
+                 CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=max(1, text_width // 64),
+                             layers=text_layers),
                  quick_gelu=quick_gelu)
-    # open_clip initialises the text and vision projections but leaves some tensors at
-    # constant values; randomise everything so no test passes by symmetry.
+    # open_clip leaves norms and biases at constant values; randomise everything so that no
+    # test passes by symmetry.
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if name.endswith("logit_scale"):
@@ -36,6 +40,11 @@ def build_tiny_open_clip(seed: int = 0, quick_gelu: bool = True):
             elif tensor.ndim == 1:
                 tensor.copy_(0.02 * torch.randn_like(tensor))
     return model.eval().requires_grad_(False)
+
+
+def build_tiny_open_clip(seed: int = 0, quick_gelu: bool = True):
+    return build_seeded_clip(seed, embed_dim=32, vision_layers=24, vision_width=128, patch_size=14, image_size=224,
+                             text_width=64, text_layers=12, quick_gelu=quick_gelu)
 
 
 def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

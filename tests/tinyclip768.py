@@ -11,25 +11,15 @@ from pathlib import Path
 
 import torch
 
+from tinyclip import build_seeded_clip
+
 
 def build_tiny768_open_clip(seed: int = 0, quick_gelu: bool = True):
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    model = CLIP(768, CLIPVisionCfg(layers=24, width=64, patch_size=14, image_size=224),
-                 CLIPTextCfg(context_length=77, vocab_size=49408, width=768, heads=12, layers=2),
-                 quick_gelu=quick_gelu)
-    with torch.no_grad():  # randomise what open_clip leaves constant, so nothing passes by symmetry
-        for name, tensor in model.named_parameters():
-            if name.endswith("logit_scale"):
-                continue
-            if tensor.ndim == 1 and ("ln" in name or "norm" in name):
-                tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor) if name.endswith("weight")
-                             else 0.1 * torch.randn_like(tensor))
-            elif tensor.ndim == 1:
-                tensor.copy_(0.02 * torch.randn_like(tensor))
+    model = build_seeded_clip(seed, embed_dim=768, vision_layers=24, vision_width=64, patch_size=14, image_size=224,
+                              text_width=768, text_layers=2, quick_gelu=quick_gelu)
+    with torch.no_grad():  # fp16-representable, so the fp16 file below stores it exactly
         model.token_embedding.weight.copy_(model.token_embedding.weight.half().float())
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def tiny768_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
