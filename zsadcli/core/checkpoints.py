@@ -107,9 +107,3 @@ def _standin_pickle():
     shim.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
     shim.Unpickler = Unpickler
     return shim
-
-
-def identify_authors_method(checkpoint: LoadedCheckpoint, candidates: dict[str, type]) -> dict[str, dict]:
-    """Which registered methods accept this authors'-format file, with the hparams each implies."""
-    return {name: hp for name, cls in candidates.items()
-            if (hp := cls.authors_checkpoint_hparams(checkpoint.raw)) is not None}
