@@ -55,3 +55,19 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     write_meta(root, generate_synthetic(root, seed=0, size=64))
     return root
+
+
+@pytest.fixture(scope="session")
+def b16plus_file(tmp_path_factory) -> Path:
+    """The tiny ViT-B-16-plus-240-shaped GELU CLIP (WinCLIP, CLIP-AD) as a plain state-dict file."""
+    from tiny_b16plus import save_tiny_b16plus
+
+    return save_tiny_b16plus(tmp_path_factory.mktemp("b16plus") / "tiny_b16plus.pt")
+
+
+@pytest.fixture(scope="session")
+def clip():
+    """The same model as an open_clip module, for the reference re-statements."""
+    from tiny_b16plus import build_tiny_b16plus
+
+    return build_tiny_b16plus(0)

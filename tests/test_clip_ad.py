@@ -13,7 +13,6 @@ import torch
 from typer.testing import CliRunner
 
 from reference_clip_ad import clip_ad_reference
-from tiny_b16plus import build_tiny_b16plus, save_tiny_b16plus
 from zsadcli.cli import app
 from zsadcli.core.checkpoints import load_checkpoint, save_checkpoint
 from zsadcli.core.engine import MethodSpec, build_method
@@ -21,16 +20,6 @@ from zsadcli.core.methods import get_method
 from zsadcli.core.methods.clip_ad import REP_VECS, TEMPLATES, representative_vector, state_prompts
 from zsadcli.data.images import clip_preprocess, open_image
 from zsadcli.errors import BadInput
-
-
-@pytest.fixture(scope="session")
-def b16plus_file(tmp_path_factory):
-    return save_tiny_b16plus(tmp_path_factory.mktemp("b16plus") / "tiny_b16plus.pt")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_b16plus(0)
 
 
 @pytest.fixture(scope="module")

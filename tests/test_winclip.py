@@ -13,22 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from reference_winclip import winclip_reference
-from tiny_b16plus import build_tiny_b16plus, save_tiny_b16plus
 from zsadcli.cli import app
 from zsadcli.core.engine import MethodSpec, build_method
 from zsadcli.core.methods.winclip import (TEMPLATES, covering_windows, harmonic_aggregation, prompt_ensemble,
                                           window_tokens)
 from zsadcli.data.images import open_image
-
-
-@pytest.fixture(scope="session")
-def b16plus_file(tmp_path_factory):
-    return save_tiny_b16plus(tmp_path_factory.mktemp("b16plus") / "tiny_b16plus.pt")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_b16plus(0)
 
 
 @pytest.fixture(scope="module")
