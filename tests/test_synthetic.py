@@ -15,7 +15,7 @@ from zsadcli.data.synthetic import CLASSES, DEFECTS, generate_synthetic
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     a = generate_synthetic(tmp_path / "a", seed=3, size=48)
     b = generate_synthetic(tmp_path / "b", seed=3, size=48)
-    c = generate_synthetic(tmp_path / "c", seed=4, size=48)
+    generate_synthetic(tmp_path / "c", seed=4, size=48)
     assert a == b
     rel = a["test"]["disc"][0].img_path
     assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

@@ -3,7 +3,6 @@ checkpointing, seeding. The engine knows the Method contract, not method interna
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator

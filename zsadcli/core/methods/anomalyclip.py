@@ -23,7 +23,6 @@ from zsadcli.core.methods import register_method
 from zsadcli.core.methods.base import Method, MethodOutput, TrainRecipe
 from zsadcli.core.postprocess import gaussian_smooth, upsample
 from zsadcli.core.prompts import ObjectAgnosticPrompts
-from zsadcli.errors import BadInput
 
 
 @register_method
@@ -127,13 +126,5 @@ class AnomalyCLIP(Method):
         """``{"prompt_learner": {...}}``; the unused ``compound_prompt_projections`` are ignored
         and the stored token buffers replace the ones built from our tokenizer."""
         state = {k: v for k, v in obj["prompt_learner"].items() if not k.startswith("compound_prompt_projections.")}
-        own = self.prompts.state_dict()
-        if set(state) != set(own):
-            raise BadInput("checkpoint is not an AnomalyCLIP prompt learner: keys "
-                           f"{sorted(set(state) ^ set(own))[:4]} differ.")
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise BadInput(f"checkpoint tensor {key} has shape {tuple(value.shape)} but this backbone needs "
-                               f"{tuple(own[key].shape)} (was it trained for another CLIP?).")
-        self.prompts.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        self.load_module_state(self.prompts, state, "AnomalyCLIP prompt learner")
         self.invalidate_caches()

@@ -177,6 +177,21 @@ class Method(nn.Module):
     def import_authors_checkpoint(self, obj: Any) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+        """Load an authors' state dict into ``module``: the same keys, the same shapes (else one
+        clear error naming the part), cast to the module's own dtype and device."""
+        from zsadcli.errors import BadInput
+
+        own = module.state_dict()
+        if set(state) != set(own):
+            raise BadInput(f"checkpoint is not a {what}: keys {sorted(set(state) ^ set(own))[:4]} differ.")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise BadInput(f"checkpoint tensor {key} of the {what} has shape {tuple(value.shape)} but this "
+                               f"backbone needs {tuple(own[key].shape)} (was it trained for another CLIP?).")
+        module.load_state_dict({k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()})
+
     def cached(self, key: Hashable, compute: Callable[[], Any], *, learned: bool = True) -> Any:
         """A value computed once per model and then reused, such as static text features.
 

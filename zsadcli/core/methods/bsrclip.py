@@ -409,16 +409,11 @@ class BSRCLIP(Method):
 
     def import_authors_checkpoint(self, obj: Any) -> None:
         prompt = obj["prompt"]["state_prompt_embedding"]
-        own = self.adaptor.state_dict()
-        adaptor = obj["adaptor"]
-        if set(adaptor) != set(own):
-            raise BadInput(f"checkpoint adaptor keys differ from BSR-CLIP's Adaptor: {sorted(set(adaptor) ^ set(own))[:4]}.")
-        for key, value in [("state_prompt_embedding", prompt), *((f"adaptor.{k}", v) for k, v in adaptor.items())]:
-            expected = self.state_prompt_embedding if key == "state_prompt_embedding" else own[key[len("adaptor."):]]
-            if tuple(value.shape) != tuple(expected.shape):
-                raise BadInput(f"checkpoint tensor {key} has shape {tuple(value.shape)} but this backbone needs "
-                               f"{tuple(expected.shape)} (was it trained for another CLIP?).")
+        if tuple(prompt.shape) != tuple(self.state_prompt_embedding.shape):
+            raise BadInput(f"checkpoint tensor state_prompt_embedding has shape {tuple(prompt.shape)} but this "
+                           f"backbone needs {tuple(self.state_prompt_embedding.shape)} (was it trained for another "
+                           "CLIP?).")
+        self.load_module_state(self.adaptor, obj["adaptor"], "BSR-CLIP Adaptor")
         with torch.no_grad():
             self.state_prompt_embedding.copy_(prompt.to(self.state_prompt_embedding.dtype))
-        self.adaptor.load_state_dict({k: v.to(own[k].dtype) for k, v in adaptor.items()})
         self.invalidate_caches()

@@ -383,12 +383,4 @@ class ClipADPlus(ClipAD):
 
     def import_authors_checkpoint(self, obj: Any) -> None:
         state = {k[len("fc."):]: v for k, v in obj["linear_layers"].items()}
-        own = self.fc.state_dict()
-        if set(state) != set(own):
-            raise BadInput(f"checkpoint heads do not fit: keys {sorted(set(state) ^ set(own))[:4]} differ "
-                           f"({len(self.tap_layers)} layers expected).")
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise BadInput(f"checkpoint tensor {key} has shape {tuple(value.shape)} but this backbone needs "
-                               f"{tuple(own[key].shape)} (was it trained for another CLIP?).")
-        self.fc.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        self.load_module_state(self.fc, state, f"set of {len(self.tap_layers)} CLIP-AD+ heads")

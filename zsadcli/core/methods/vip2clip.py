@@ -286,15 +286,7 @@ class ViP2CLIP(Method):
         """``{"prompt_learner": ICA state with its token buffers, "Zero_try": FGP state}``; the
         stored buffers replace the ones built from our tokenizer (so the quirk comes with them)."""
         for module, key in ((self.ica, "prompt_learner"), (self.fgp, "Zero_try")):
-            state, own = obj[key], module.state_dict()
-            if set(state) != set(own):
-                raise BadInput(f"checkpoint part {key!r} is not a ViP²-CLIP {type(module).__name__}: keys "
-                               f"{sorted(set(state) ^ set(own))[:4]} differ.")
-            for name, value in state.items():
-                if value.shape != own[name].shape:
-                    raise BadInput(f"checkpoint tensor {key}.{name} has shape {tuple(value.shape)} but this backbone "
-                                   f"needs {tuple(own[name].shape)} (was it trained for another CLIP?).")
-            module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+            self.load_module_state(module, obj[key], f"ViP²-CLIP {type(module).__name__} ({key!r})")
         if self.hparams["fix_normal_prompt"]:
             self.ica.use_good_state_word(self.backbone)
         self.invalidate_caches()
