@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from zsadcli.cli import app
+from zsadcli.commands.common import MethodOptions, method_options
 
 COMMANDS = ("prepare", "train", "eval", "predict", "ablate", "weights", "doctor")
 
@@ -59,3 +61,39 @@ def test_doctor_offline_json(runner, tiny_registry):
 
 def test_doctor_table(runner):
     assert runner.invoke(app, ["doctor"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "ablate", "train"])
+def test_method_options_come_from_one_declaration(command):
+    """Every command that builds a method takes its method/weight options from commands.common,
+    as one MethodOptions value; no command file declares them again."""
+    import inspect
+    from pathlib import Path
+
+    import typer.main
+
+    from zsadcli.commands import common
+
+    click_command = typer.main.get_command(app).commands[command]
+    names = {opt for param in click_command.params for opt in param.opts}
+    assert {"--method", "--backbone", "--backbone-file", "--image-size", "--hparam", "--dino-file"} <= names
+    if command != "train":
+        assert {"--checkpoint", "--train-on", "--class-name", "--allow-pickle"} <= names
+    source = Path(inspect.getfile(common)).with_name(f"{'eval' if command == 'eval' else command}.py").read_text()
+    assert "typer.Option(\"--checkpoint\"" not in source and "CheckpointOpt" not in source
+
+
+def test_method_options_reach_the_command_as_one_value():
+    seen = {}
+
+    @method_options(exclude={"ablate"})
+    def command(ctx: typer.Context, method_options: MethodOptions, other: int = 1) -> None:
+        seen["value"] = method_options
+
+    probe = typer.Typer()
+    probe.command()(command)
+    result = CliRunner().invoke(probe, ["--method", "winclip", "--rep-vec", "pca", "--hparam", "sigma=2"])
+    assert result.exit_code == 0, result.output
+    chosen = seen["value"]
+    assert chosen.method == "winclip" and chosen.hparams() == {"rep_vec": "pca", "sigma": 2}
+    assert CliRunner().invoke(probe, ["--ablate", "x"]).exit_code == 2  # excluded options do not exist

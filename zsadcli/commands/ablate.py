@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (BackboneFileOpt, BackboneOpt, CheckpointOpt, ClassNameOpt, DeviceOpt, HparamOpt,
-                                     ImageSizeOpt, JsonOpt, MethodOpt, PrecisionOpt, QuietOpt, TrainOnOpt,
-                                     merge_options, method_hparams, method_spec)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
+                                     method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
 
 
+@method_options(exclude={"ablate"})
 def ablate(
     ctx: typer.Context,
-    method: MethodOpt = "anomalyclip",
+    method_options: MethodOptions,
     list_switches: Annotated[bool, typer.Option("--list", help="List the method's ablation switches and exit.")] = False,
     test_on: Annotated[Optional[str], typer.Option("--test-on", help="Comma-separated dataset names.",
                                                    show_default=False)] = None,
@@ -24,18 +24,11 @@ def ablate(
                                                                        "default: all.", show_default=False)] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
                          ] = Path("data"),
-    train_on: TrainOnOpt = None,
-    checkpoint: CheckpointOpt = None,
     aupro: Annotated[str, typer.Option("--aupro", help="AUPRO variant: exact, compat200 or bsr200.")] = "exact",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/ablate/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
-    backbone: BackboneOpt = None,
-    backbone_file: BackboneFileOpt = None,
-    image_size: ImageSizeOpt = None,
-    class_name: ClassNameOpt = None,
-    hparam: HparamOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -53,6 +46,7 @@ def ablate(
     from zsadcli.data.meta import load_meta
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
+    method, checkpoint, train_on = method_options.method, method_options.checkpoint, method_options.train_on
     cls = get_method(method)
     if list_switches:
         if opts.json:
@@ -75,12 +69,11 @@ def ablate(
     names = [d.strip() for d in test_on.split(",") if d.strip()]
     datasets = {d: (data_root / d, load_meta(data_root / d)) for d in names}
     run = run_dir("ablate", name or f"{method}-{'_'.join(names)}", root=runs_root, force=force)
-    spec = method_spec(opts, method=method, checkpoint=checkpoint, train_on=train_on, backbone=backbone,
-                       backbone_file=backbone_file, image_size=image_size, class_name=class_name,
-                       hparams=method_hparams(hparam=hparam))
+    spec = method_options.spec(opts)
     if cls.recipe is not None and not (checkpoint or train_on):
         raise BadInput(f"{method} needs weights for an ablation: pass --checkpoint PATH or --train-on DATASET.")
-    rows = run_ablation(spec, chosen, datasets, batch_size=batch_size, aupro_variant=aupro, class_name=class_name)
+    rows = run_ablation(spec, chosen, datasets, batch_size=batch_size, aupro_variant=aupro,
+                        class_name=method_options.class_name)
     write_json(run / "ablation.json", {"method": method, "aupro_variant": aupro, "rows": [r.to_json() for r in rows],
                                        "environment": environment()})
     write_csv(run / "ablation.csv", [{"variant": r.variant, "dataset": r.dataset, **r.means,

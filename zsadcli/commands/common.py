@@ -3,6 +3,8 @@ and after it (``zsad predict --device cpu``); the later one wins."""
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from dataclasses import dataclass, replace
 from typing import Annotated, Callable, Optional, TypeVar
 
@@ -65,7 +67,9 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
     return merged
 
 
-# ---------------------------------------------------------------- method selection (predict/eval/train/ablate)
+# ---------------------------------------------------------------- method selection (predict/eval/train/ablate/...)
+# The method/weight options are declared once, here, and attached to a command by
+# ``@method_options(...)``: the command receives them as one ``MethodOptions`` value.
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method name (e.g. anomalyclip).")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Prompt/adapter weights: a zsad .safetensors or the authors' released .pth.",
@@ -107,6 +111,100 @@ AllowPickleOpt = Annotated[bool, typer.Option(
 HparamOpt = Annotated[Optional[list[str]], typer.Option(
     "--hparam", help="Override a method hyperparameter, KEY=VALUE (repeatable; VALUE parsed as YAML).",
     show_default=False)]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The method/weight options as one value; a command that did not declare an option sees its default."""
+
+    method: str = "anomalyclip"
+    checkpoint: Optional[str] = None
+    train_on: Optional[str] = None
+    backbone: Optional[str] = None
+    backbone_file: Optional[str] = None
+    image_size: Optional[int] = None
+    ablate: Optional[list[str]] = None
+    class_name: Optional[str] = None
+    rep_vec: Optional[str] = None
+    dino_file: Optional[str] = None
+    dattn_mean: Optional[str] = None
+    no_bsr: bool = False
+    fix_normal_prompt: bool = False
+    reference: Optional[str] = None
+    allow_pickle: bool = False
+    hparam: Optional[list[str]] = None
+
+    def hparams(self) -> dict:
+        """The hyperparameter overrides the method-specific options and --hparam stand for."""
+        return method_hparams(rep_vec=self.rep_vec, dino_file=self.dino_file, dattn_mean=self.dattn_mean,
+                              no_bsr=self.no_bsr, fix_normal_prompt=self.fix_normal_prompt,
+                              reference=self.reference, hparam=self.hparam)
+
+    def spec(self, opts: GlobalOptions, *, require_weights: bool = True, extra_hparams: Optional[dict] = None,
+             ablate: Optional[list[str]] = None):
+        """The MethodSpec these options describe (``ablate`` overrides --ablate, e.g. for ablation variants)."""
+        return method_spec(opts, method=self.method, checkpoint=self.checkpoint, train_on=self.train_on,
+                           backbone=self.backbone, backbone_file=self.backbone_file, image_size=self.image_size,
+                           ablate=self.ablate if ablate is None else ablate, require_weights=require_weights,
+                           hparams=self.hparams() | (extra_hparams or {}), class_name=self.class_name,
+                           allow_pickle=self.allow_pickle)
+
+
+# name -> (annotation, default): the one declaration every command's method options come from.
+_METHOD_OPTION_DECLARATIONS: dict[str, tuple[object, object]] = {
+    "method": (MethodOpt, "anomalyclip"),
+    "checkpoint": (CheckpointOpt, None),
+    "train_on": (TrainOnOpt, None),
+    "backbone": (BackboneOpt, None),
+    "backbone_file": (BackboneFileOpt, None),
+    "image_size": (ImageSizeOpt, None),
+    "ablate": (AblateOpt, None),
+    "class_name": (ClassNameOpt, None),
+    "rep_vec": (RepVecOpt, None),
+    "dino_file": (DinoFileOpt, None),
+    "dattn_mean": (DattnMeanOpt, None),
+    "no_bsr": (NoBsrOpt, False),
+    "fix_normal_prompt": (FixNormalPromptOpt, False),
+    "reference": (ReferenceOpt, None),
+    "allow_pickle": (AllowPickleOpt, False),
+    "hparam": (HparamOpt, None),
+}
+
+
+def method_options(*, exclude: frozenset[str] | set[str] = frozenset(), into: str = "method_options") -> Callable[[F], F]:
+    """Attach the method/weight options (all but ``exclude``) to a command; the command takes them as one
+    ``MethodOptions`` argument named ``into``. Typer reads the rewritten signature, so ``--help`` lists
+    them like any other option."""
+    unknown = set(exclude) - set(_METHOD_OPTION_DECLARATIONS)
+    if unknown:
+        raise ValueError(f"unknown method options {sorted(unknown)}")
+    names = [n for n in _METHOD_OPTION_DECLARATIONS if n not in exclude]
+
+    def decorate(command: F) -> F:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = inspect.signature(command)
+        if into not in own.parameters:
+            raise TypeError(f"{command.__name__} must take a `{into}: MethodOptions` parameter")
+        params = []
+        for p in own.parameters.values():
+            if p.name == into:
+                params.extend(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                                default=_METHOD_OPTION_DECLARATIONS[n][1],
+                                                annotation=_METHOD_OPTION_DECLARATIONS[n][0]) for n in names)
+            else:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            chosen = MethodOptions(**{n: kwargs.pop(n) for n in names if n in kwargs})
+            return command(*args, **kwargs, **{into: chosen})
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # Typer must read the rewritten signature, not the command's own
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def method_hparams(*, rep_vec: Optional[str] = None, dino_file: Optional[str] = None,

@@ -8,9 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (AllowPickleOpt, ClassNameOpt, DattnMeanOpt, DinoFileOpt, FixNormalPromptOpt, HparamOpt, NoBsrOpt, ReferenceOpt, RepVecOpt, method_hparams, AblateOpt, BackboneFileOpt, BackboneOpt, CheckpointOpt, DeviceOpt, ImageSizeOpt,
-                                     JsonOpt, MethodOpt, PrecisionOpt, QuietOpt, TrainOnOpt, merge_options,
-                                     method_spec)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
+                                     method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
 
@@ -43,12 +42,11 @@ def render_result(result, title: str) -> None:
         log(f"[yellow]note:[/] {note}")
 
 
+@method_options()
 def evaluate(
     ctx: typer.Context,
     test_on: Annotated[str, typer.Option("--test-on", help="Comma-separated dataset names: DATA_ROOT/<name>/meta.json.")],
-    method: MethodOpt = "anomalyclip",
-    train_on: TrainOnOpt = None,
-    checkpoint: CheckpointOpt = None,
+    method_options: MethodOptions,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
                          ] = Path("data"),
     aupro: Annotated[str, typer.Option("--aupro", help="exact (MVTec definition) or compat200 (the 200-threshold "
@@ -59,19 +57,6 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/eval/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
-    backbone: BackboneOpt = None,
-    backbone_file: BackboneFileOpt = None,
-    image_size: ImageSizeOpt = None,
-    ablate: AblateOpt = None,
-    class_name: ClassNameOpt = None,
-    rep_vec: RepVecOpt = None,
-    dino_file: DinoFileOpt = None,
-    dattn_mean: DattnMeanOpt = None,
-    no_bsr: NoBsrOpt = False,
-    fix_normal_prompt: FixNormalPromptOpt = False,
-    reference: ReferenceOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    hparam: HparamOpt = None,
     clip_ad_transductive: Annotated[bool, typer.Option(
         "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
                                        "(the official, transductive protocol; reported as such).")] = False,
@@ -94,6 +79,8 @@ def evaluate(
     from zsadcli.data.meta import load_meta
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
+    method, checkpoint, train_on, class_name = (method_options.method, method_options.checkpoint,
+                                                method_options.train_on, method_options.class_name)
     if aupro not in AUPRO_VARIANTS:
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
     if batch_size < 1:
@@ -105,13 +92,7 @@ def evaluate(
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
                   f"{'_'.join(datasets)}", root=runs_root, force=force)
-    base = method_spec(opts, method=method, checkpoint=checkpoint, train_on=train_on, backbone=backbone,
-                       backbone_file=backbone_file, image_size=image_size, ablate=ablate,
-                       hparams=method_hparams(rep_vec=rep_vec, dino_file=dino_file, dattn_mean=dattn_mean,
-                                              no_bsr=no_bsr, fix_normal_prompt=fix_normal_prompt, reference=reference,
-                                              hparam=hparam)
-                       | ({"transductive": True} if clip_ad_transductive else {}),
-                       class_name=class_name, allow_pickle=allow_pickle)
+    base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
     results, configs, built, built_for = [], {}, None, None
     for dataset in datasets:
         spec = base

@@ -8,32 +8,17 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (AllowPickleOpt, ClassNameOpt, DattnMeanOpt, DinoFileOpt, FixNormalPromptOpt, HparamOpt, NoBsrOpt, ReferenceOpt, RepVecOpt, method_hparams, AblateOpt, BackboneFileOpt, BackboneOpt, CheckpointOpt, DeviceOpt, ImageSizeOpt,
-                                     JsonOpt, MethodOpt, PrecisionOpt, QuietOpt, TrainOnOpt, merge_options,
-                                     method_spec)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
+                                     method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
 
 
+@method_options()
 def predict(
     ctx: typer.Context,
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
-    method: MethodOpt = "anomalyclip",
-    checkpoint: CheckpointOpt = None,
-    train_on: TrainOnOpt = None,
-    backbone: BackboneOpt = None,
-    backbone_file: BackboneFileOpt = None,
-    image_size: ImageSizeOpt = None,
-    ablate: AblateOpt = None,
-    class_name: ClassNameOpt = None,
-    rep_vec: RepVecOpt = None,
-    dino_file: DinoFileOpt = None,
-    dattn_mean: DattnMeanOpt = None,
-    no_bsr: NoBsrOpt = False,
-    fix_normal_prompt: FixNormalPromptOpt = False,
-    reference: ReferenceOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    hparam: HparamOpt = None,
+    method_options: MethodOptions,
     out: Annotated[Optional[Path], typer.Option("--out", help="Overlay PNG for a single image.",
                                                 show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for one overlay PNG per image.",
@@ -84,13 +69,7 @@ def predict(
             if target is not None:
                 refuse_overwrite(target, force, "output file")
 
-    built = build_method(method_spec(opts, method=method, checkpoint=checkpoint, train_on=train_on, backbone=backbone,
-                                     backbone_file=backbone_file, image_size=image_size, ablate=ablate,
-                                     hparams=method_hparams(rep_vec=rep_vec, dino_file=dino_file,
-                                                            dattn_mean=dattn_mean, no_bsr=no_bsr,
-                                                            fix_normal_prompt=fix_normal_prompt, reference=reference,
-                                                            hparam=hparam),
-                                     class_name=class_name, allow_pickle=allow_pickle))
+    built = build_method(method_options.spec(opts))
     value_range = built.method.map_range
     for prediction in predict_paths(built.method, paths, batch_size):
         files = targets[prediction.path]

@@ -6,15 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsadcli.commands.common import (DattnMeanOpt, DinoFileOpt, FixNormalPromptOpt, HparamOpt, method_hparams, AblateOpt, BackboneFileOpt, BackboneOpt, DeviceOpt, ImageSizeOpt, JsonOpt,
-                                     MethodOpt, PrecisionOpt, QuietOpt, SeedOpt, merge_options, method_spec)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, SeedOpt, merge_options,
+                                     method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
 
 
+@method_options(exclude={"checkpoint", "train_on", "class_name", "reference", "allow_pickle"})
 def train(
     ctx: typer.Context,
-    method: MethodOpt = "anomalyclip",
+    method_options: MethodOptions,
     on: Annotated[str, typer.Option("--on", help="Auxiliary dataset name: reads DATA_ROOT/<name>/meta.json "
                                                  "(its test split, with masks, as the papers do).")] = "mvtec",
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
@@ -28,14 +29,6 @@ def train(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Default: the authors' recipe.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run after its last epoch.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
-    backbone: BackboneOpt = None,
-    backbone_file: BackboneFileOpt = None,
-    image_size: ImageSizeOpt = None,
-    ablate: AblateOpt = None,
-    dino_file: DinoFileOpt = None,
-    dattn_mean: DattnMeanOpt = None,
-    fix_normal_prompt: FixNormalPromptOpt = False,
-    hparam: HparamOpt = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -56,6 +49,7 @@ def train(
     from zsadcli.data.meta import load_meta
 
     opts = merge_options(ctx, device=device, precision=precision, seed=seed, json=json, quiet=quiet)
+    method = method_options.method
     cls = get_method(method)
     if cls.recipe is None:
         raise BadInput(f"{method} is training-free; there is nothing to train.", hint="use `zsad eval` directly")
@@ -73,10 +67,7 @@ def train(
     run = run_dir("train", name or f"{method}-{on}", root=runs_root, force=force, resume=resume)
     seed_value = recipe.seed if opts.seed is None else opts.seed
     seed_everything(seed_value)  # before the method is built: prompt initialisation draws from it
-    spec = method_spec(opts, method=method, backbone=backbone, backbone_file=backbone_file, image_size=image_size,
-                       ablate=ablate, require_weights=False,
-                       hparams=method_hparams(dino_file=dino_file, dattn_mean=dattn_mean,
-                                              fix_normal_prompt=fix_normal_prompt, hparam=hparam))
+    spec = method_options.spec(opts, require_weights=False)
     built = build_method(spec)
     built.method.set_training_dataset(on)
     dataset = MetaDataset(root, items, built.method.preprocess, built.method.input_size, built.method.mask_resample)
