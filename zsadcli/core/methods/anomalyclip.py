@@ -82,7 +82,8 @@ class AnomalyCLIP(Method):
         temperature = float(self.hparams["temperature"])
         size = images.shape[-1]
         with torch.no_grad():  # the backbone is frozen; only the text side learns
-            feats = self.backbone.forward_image(images, taps=self.layers, dual=self.dual, pos_mode="bilinear")
+            feats = self.backbone.forward_image(images, taps=self.layers, dual=self.dual,
+                                                pos_mode=self.position_interpolation)
             global_feature = F.normalize(self.backbone.global_feature(feats.tokens, ln_post=False).float(), dim=-1)
             patch_tokens = [F.normalize(self.backbone.project(
                 feats.alt_taps.get(layer, feats.taps[layer])).float(), dim=-1) for layer in self.layers]

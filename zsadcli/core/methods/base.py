@@ -38,8 +38,8 @@ class Method(nn.Module):
     """A ZSAD method over a frozen CLIP backbone.
 
     Subclasses declare: ``name``, ``description``, ``backbone_key`` (weights.yaml),
-    ``quick_gelu``, ``image_size``, ``defaults`` (hyperparameters), ``ablations`` (switch ->
-    one-line description), ``recipe`` (None for training-free methods), ``released``
+    ``quick_gelu``, ``position_interpolation``, ``image_size``, ``defaults`` (hyperparameters),
+    ``ablations`` (switch -> one-line description), ``recipe`` (None for training-free methods), ``released``
     (trained-on dataset -> weights.yaml checkpoint key) and implement ``forward``;
     trainable methods also ``loss`` and the checkpoint hooks.
     """
@@ -47,7 +47,11 @@ class Method(nn.Module):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     backbone_key: ClassVar[str] = "openai-vit-l-14-336"
-    quick_gelu: ClassVar[bool] = True
+    quick_gelu: ClassVar[bool] = True  # False: exact nn.GELU (open_clip configs without quick_gelu)
+    # How the position grid is resized to the input size: the mode torch's interpolate takes
+    # ("bilinear", "bicubic"), "+antialias" as open_clip's resize does. Methods trained on
+    # weights resized one way must be run the same way.
+    position_interpolation: ClassVar[str] = "bilinear"
     image_size: ClassVar[int] = 518
     mask_resample: ClassVar[str] = "bilinear"
     defaults: ClassVar[dict[str, Any]] = {}

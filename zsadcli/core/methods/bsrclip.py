@@ -285,7 +285,7 @@ class BSRCLIP(Method):
         refine = not self.training  # the BSR chain is inference-only
         attn_layers = self.rcs_layers if refine and self.stage_on("rcs") else ()
         with torch.no_grad():  # the backbone is frozen
-            feats = self.backbone.forward_image(images, taps=self.layers, pos_mode="bilinear",
+            feats = self.backbone.forward_image(images, taps=self.layers, pos_mode=self.position_interpolation,
                                                 attn_probs=attn_layers, stop_after=max(self.layers + attn_layers))
         grid = feats.grid
         sets = self.token_sets(feats.taps, grid)

@@ -149,6 +149,7 @@ class ClipAD(Method):
     description = "CLIP-AD SDP: staged dual-path surgery + representative text vectors (training-free)"
     backbone_key = "laion-vit-b-16-plus-240"
     quick_gelu = False
+    position_interpolation = "bicubic+antialias"
     image_size = 240
     uses_class_name = True
     defaults: dict[str, Any] = {
@@ -235,7 +236,7 @@ class ClipAD(Method):
     def staged_features(self, images: torch.Tensor):
         """Original-path and surgery-path tokens at the tapped layers (no autograd)."""
         with torch.no_grad():
-            x, _ = self.backbone.embed_image(images, pos_mode="bicubic+antialias")
+            x, _ = self.backbone.embed_image(images, pos_mode=self.position_interpolation)
             x = self.backbone.visual.ln_pre(x)
             depth = self.backbone.vision_layers
             restart = None if "no-stages" in self.ablate else depth / self.stage_count

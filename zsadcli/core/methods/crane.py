@@ -259,7 +259,7 @@ class Crane(Method):
         dattn_layers = set(self.layers) if self.dattn else set()
         stop = min(dattn_layers) - 1 if dattn_layers else depth
         feats = bb.forward_image(images, taps={l for l in self.layers if l <= stop} | {stop}, dual=dual,
-                                 pos_mode="bilinear", stop_after=stop)
+                                 pos_mode=self.position_interpolation, stop_after=stop)
         taps, alt_taps = dict(feats.taps), dict(feats.alt_taps)
         x, alt = feats.tokens, alt_taps.get(stop)
         dattn_input: dict[int, torch.Tensor] = {}

@@ -213,7 +213,7 @@ class ViP2CLIP(Method):
         temperature = float(self.hparams["temperature"])
         size = images.shape[-1]
         with torch.no_grad():  # the backbone is frozen; ICA and FGP learn
-            feats = self.backbone.forward_image(images, taps=self.layers, pos_mode="bilinear")
+            feats = self.backbone.forward_image(images, taps=self.layers, pos_mode=self.position_interpolation)
             g = F.normalize(self.backbone.global_feature(feats.tokens, ln_post=False).float(), dim=-1)
             # (L, B, N, E): every used layer's patch tokens, CLS dropped
             patches = F.normalize(torch.stack([self.backbone.project(feats.taps[l][:, 1:])

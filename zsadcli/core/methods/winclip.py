@@ -116,6 +116,7 @@ class WinCLIP(Method):
     description = "WinCLIP: window-based CLIP scores with a compositional prompt ensemble (training-free)"
     backbone_key = "laion-vit-b-16-plus-240"
     quick_gelu = False
+    position_interpolation = "bicubic+antialias"
     image_size = 240
     uses_class_name = True
     defaults: dict[str, Any] = {
@@ -193,7 +194,7 @@ class WinCLIP(Method):
 
     def encode(self, images: torch.Tensor) -> dict[str, Any]:
         """Image embedding (B, E), ln_post-ed patch tokens (B, N, C), window embeddings per scale."""
-        embedded, grid = self.backbone.embed_image(images, pos_mode="bicubic+antialias")
+        embedded, grid = self.backbone.embed_image(images, pos_mode=self.position_interpolation)
         tokens = self.run_tower(embedded)
         windows = {k: self.window_embeddings(embedded, self.windows(grid, k, images.device)[0]) for k in self.scales}
         return {"image": tokens[:, 0] @ self.backbone.visual.proj, "patches": tokens[:, 1:], "windows": windows,
