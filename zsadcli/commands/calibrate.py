@@ -113,6 +113,8 @@ def calibrate(
             at_threshold=found["at_threshold"])
     calibration.write_card(out, card)
     if opts.json:
+        for note in card["warnings"]:  # stderr: stdout stays one JSON document
+            log(f"[yellow]warning:[/] {note}")
         emit_json({"card": str(out), **card})
         return
     _summarise(card, out)
