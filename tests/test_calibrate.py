@@ -136,6 +136,9 @@ def test_normal_card_predicts_labels_masks_and_a_consistent_fpr(runner, weights,
         saved = np.asarray(Image.open(masks / f"{stem}.png"))
         assert saved.shape == (height, width) and set(np.unique(saved)) <= {0, 255}
         np.testing.assert_array_equal(saved > 0, expected)
+        overlay = np.asarray(Image.open(overlays / f"{stem}.png").convert("RGB"))[:height, :width]
+        outline = (overlay == (255, 0, 255)).all(axis=2)  # the mask's outline, in magenta
+        assert outline.any() == expected.any() and not (outline & ~expected).any()
     held_out_fpr = np.mean([r["label"] == "anomalous" for r in records])
     assert low <= held_out_fpr <= high  # the FPR on unseen normal images is what the card promised
 
@@ -160,8 +163,9 @@ def test_on_dataset_f1_card_and_eval_share_thresholds(runner, weights, data, tmp
     assert card["rule"] == "f1" and set(card["per_class"]) == {"checker", "disc"} and card["n_images"] == 12
     runs = tmp_path / "runs"
     evaluated = runner.invoke(app, ["eval", "--test-on", "small", "--data-root", str(data), *weights, "--runs",
-                                    str(runs), "--name", "e", "--calibration", str(card_path), "--json"])
+                                    str(runs), "--name", "e", "--calibration", str(card_path)])
     assert evaluated.exit_code == 0, evaluated.output
+    assert "at the thresholds of" in evaluated.output and "px iou" in evaluated.output  # the decision table
     report = json.loads((runs / "eval/e/metrics.json").read_text())["datasets"][0]
     for cls, entry in card["per_class"].items():  # one code path: eval's F1-max thresholds
         assert entry["image_threshold"] == report["per_class"][cls]["image"]["f1_threshold"]

@@ -53,12 +53,12 @@ def defect_mask(anomaly_map: np.ndarray, pixel_threshold: float | None, size: tu
     neighbour, so every mask pixel is the decision of the map pixel it falls in."""
     if pixel_threshold is None:
         return None
-    binary = Image.fromarray((np.asarray(anomaly_map) >= pixel_threshold).astype(np.uint8) * 255, mode="L")
+    binary = Image.fromarray((np.asarray(anomaly_map) >= pixel_threshold).astype(np.uint8) * 255)
     return np.asarray(binary.resize(size, Image.NEAREST)) > 0
 
 
 def save_mask(mask: np.ndarray, target: str | os.PathLike) -> Path:
     """A single-channel PNG, 255 for defect pixels and 0 elsewhere (the layout of MVTec masks)."""
     with atomic_path(target) as tmp:
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     return Path(target)
