@@ -98,6 +98,15 @@ def test_metrics_at_a_threshold_and_bootstrap():
     assert metrics.pixel_decision_metrics(masks, maps, 0.5) == {"precision": 0.5, "recall": 0.5, "iou": 1 / 3}
     with pytest.warns(metrics.UndefinedMetric):
         assert math.isnan(metrics.image_decision_metrics(labels, scores, 2.0)["precision"])
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(1)
+    truth, maps = rng.random((3, 9, 9)) < 0.2, rng.random((3, 9, 9)).astype(np.float32)
+    predicted = (maps >= 0.6).ravel()
+    got = metrics.pixel_decision_metrics(torch.from_numpy(truth), torch.from_numpy(maps), 0.6)
+    assert math.isclose(got["iou"], sk.jaccard_score(truth.ravel(), predicted))
+    assert math.isclose(got["precision"], sk.precision_score(truth.ravel(), predicted))
+    assert math.isclose(got["recall"], sk.recall_score(truth.ravel(), predicted))
     flagged = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0])
     low, high = bootstrap_rate_interval(flagged)
     assert low < 0.2 < high and bootstrap_rate_interval(flagged) == [low, high]  # seeded

@@ -524,8 +524,9 @@ class Confusion(NamedTuple):
 
 
 def confusion_at(y_true: Array, y_score: Array, threshold: float) -> Confusion:
-    """Counts when predicting positive for ``score >= threshold`` (any shape, flattened)."""
-    y_true, y_score = (x if isinstance(x, torch.Tensor) else np.asarray(x) for x in (y_true, y_score))
+    """Counts when predicting positive for ``score >= threshold`` (any shape, flattened; one
+    comparison per element, so GPU tensors are counted on the CPU)."""
+    y_true, y_score = (x.detach().cpu() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (y_true, y_score))
     if tuple(y_true.shape) != tuple(y_score.shape):
         raise ValueError(f"shape mismatch: labels {tuple(y_true.shape)} vs scores {tuple(y_score.shape)}")
     s = _scores(y_score, _NumpyOps)
