@@ -246,6 +246,11 @@ def test_card_for_other_weights_is_refused(runner, weights, data, normal_card, t
     result = runner.invoke(app, ["predict", str(data / "good/disc/test/good/000.png"), *other, "--calibration",
                                  str(normal_card), "--save-mask", str(out / "m"), "--save-raw", str(out / "r")])
     assert result.exit_code == 2 and "image size: card 56, now 28" in result.output
+    torch.save(authors_checkpoint(seed=2), tmp_path / "other.pth")  # other learned prompts, same shapes
+    other = [*weights[:2], "--checkpoint", str(tmp_path / "other.pth"), *weights[4:]]
+    result = runner.invoke(app, ["predict", str(data / "good/disc/test/good/000.png"), *other, "--calibration",
+                                 str(normal_card), "--save-mask", str(out / "m")])
+    assert result.exit_code == 2 and "checkpoint (sha256)" in result.output and "image size" not in result.output
     assert not out.exists()
 
 
