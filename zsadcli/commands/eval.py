@@ -50,8 +50,9 @@ def render_decisions(result, title: str) -> None:
     """The thresholded metrics of a calibration card, per class and mean."""
     table = Table(title=title)
     table.add_column("class")
+    short = {"accuracy": "acc", "precision": "prec", "recall": "rec", "fpr": "fpr", "iou": "iou"}
     for side, name in DECISION_COLUMNS:
-        table.add_column(f"{'img' if side == 'image' else 'px'} {name}", justify="right")
+        table.add_column(f"{'img' if side == 'image' else 'px'} {short[name]}", justify="right")
     rows = result.rows()
     for i, row in enumerate(rows):
         table.add_row(row["class"], *(_cell(row.get(f"decision_{s}_{n}", float("nan"))) for s, n in DECISION_COLUMNS),
