@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from zsadcli.cli import app
 from zsadcli.commands.common import MethodOptions, method_options
 
-COMMANDS = ("prepare", "train", "eval", "predict", "ablate", "weights", "doctor")
+COMMANDS = ("prepare", "train", "eval", "predict", "ablate", "calibrate", "weights", "doctor")
 
 
 @pytest.fixture()
@@ -63,7 +63,7 @@ def test_doctor_table(runner):
     assert runner.invoke(app, ["doctor"]).exit_code == 0
 
 
-@pytest.mark.parametrize("command", ["predict", "eval", "ablate", "train"])
+@pytest.mark.parametrize("command", ["predict", "eval", "ablate", "train", "calibrate"])
 def test_method_options_come_from_one_declaration(command):
     """Every command that builds a method takes its method/weight options from commands.common,
     as one MethodOptions value; no command file declares them again."""

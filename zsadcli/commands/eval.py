@@ -42,6 +42,24 @@ def render_result(result, title: str) -> None:
         log(f"[yellow]note:[/] {note}")
 
 
+DECISION_COLUMNS = (("image", "accuracy"), ("image", "precision"), ("image", "recall"), ("image", "fpr"),
+                    ("pixel", "precision"), ("pixel", "recall"), ("pixel", "iou"))
+
+
+def render_decisions(result, title: str) -> None:
+    """The thresholded metrics of a calibration card, per class and mean."""
+    table = Table(title=title)
+    table.add_column("class")
+    short = {"accuracy": "acc", "precision": "prec", "recall": "rec", "fpr": "fpr", "iou": "iou"}
+    for side, name in DECISION_COLUMNS:
+        table.add_column(f"{'img' if side == 'image' else 'px'} {short[name]}", justify="right")
+    rows = result.rows()
+    for i, row in enumerate(rows):
+        table.add_row(row["class"], *(_cell(row.get(f"decision_{s}_{n}", float("nan"))) for s, n in DECISION_COLUMNS),
+                      end_section=(i == len(rows) - 2))
+    err_console.print(table)
+
+
 @method_options()
 def evaluate(
     ctx: typer.Context,
@@ -60,6 +78,9 @@ def evaluate(
     clip_ad_transductive: Annotated[bool, typer.Option(
         "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
                                        "(the official, transductive protocol; reported as such).")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="A calibration card: adds accuracy/precision/recall/FPR at its image threshold and "
+                              "pixel precision/recall/IoU at its pixel threshold.", show_default=False)] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -71,6 +92,7 @@ def evaluate(
     cannot have them (image-only or pixel-only sets). Without --checkpoint/--train-on the papers'
     protocol picks the released weights: VisA-trained for mvtec, MVTec-trained for the rest.
     """
+    from zsadcli.core.calibration import check_card_fits, decision_hook, decision_mean, load_card
     from zsadcli.core.engine import build_method
     from zsadcli.core.evaluation import evaluate_dataset
     from zsadcli.core.methods import get_method
@@ -90,6 +112,7 @@ def evaluate(
         raise BadInput("--test-on names no dataset.")
     cls = get_method(method)
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
+    card = load_card(calibration) if calibration else None
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
                   f"{'_'.join(datasets)}", root=runs_root, force=force)
     base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
@@ -107,18 +130,25 @@ def evaluate(
             log(f"[yellow]note:[/] {dataset} is the training set of these weights: not a zero-shot result")
         if built is None or built_for != spec.train_on:
             built, built_for = build_method(spec), spec.train_on
+            if card is not None:
+                check_card_fits(card, calibration, built.description)
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
                                   aupro_variant=aupro, classes=classes.split(",") if classes else None,
-                                  class_name=class_name)
+                                  class_name=class_name, class_hook=decision_hook(card) if card else None)
+        if card is not None:
+            result.mean["decision"] = decision_mean(result.per_class)
         results.append(result)
         configs[dataset] = built.description
         if not opts.json:
             render_result(result, f"{method} on {dataset} (x100)")
+            if card is not None:
+                render_decisions(result, f"{method} on {dataset} at the thresholds of {calibration} (x100)")
     write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,
                                       "datasets": [r.to_json() for r in results]})
     write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
     write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
                                      "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
+                                     "calibration": str(calibration) if calibration else None,
                                      "environment": environment()})
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})

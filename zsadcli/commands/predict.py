@@ -29,6 +29,15 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Image-score threshold: adds the label (anomalous if score >= T).",
         show_default=False)] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="A calibration card (`zsad calibrate`): adds label, threshold and margin; "
+                              "--threshold still overrides its image threshold.", show_default=False)] = None,
+    card_class: Annotated[Optional[str], typer.Option(
+        "--class", help="Use the card's thresholds for this class (a card made with --per-class).",
+        show_default=False)] = None,
+    save_mask: Annotated[Optional[Path], typer.Option(
+        "--save-mask", help="Folder for DIR/<stem>.png: the binary defect mask (map >= the card's pixel "
+                            "threshold) at the image's own size; needs --calibration.", show_default=False)] = None,
     normalize: Annotated[str, typer.Option(
         "--normalize", help="Heatmap colour scale: fixed (the map's own probability scale) or image (min-max).")
     ] = "fixed",
@@ -44,6 +53,7 @@ def predict(
     Examples: `zsad predict part.png --method anomalyclip --train-on mvtec --out heat.png`;
     `zsad predict 'shots/*.jpg' --checkpoint runs/train/x/epoch_15.safetensors --out-dir heat/ --json`.
     """
+    from zsadcli.core import decisions
     from zsadcli.core.engine import build_method, expand_inputs, predict_paths
     from zsadcli.core.heatmap import render_overlay
 
@@ -54,32 +64,42 @@ def predict(
         raise BadInput("give --out (one image) or --out-dir (many), not both.")
     if batch_size < 1:
         raise BadInput("--batch-size must be at least 1.")
+    card = decisions.load_predict_card(calibration, card_class, save_mask)
     paths = expand_inputs(inputs)
     if out and len(paths) != 1:
         raise BadInput(f"--out names one file but {len(paths)} images were given.", hint="use --out-dir DIR")
     if out and out.suffix.lower() != ".png":
         raise BadInput(f"--out {out}: the overlay is written as PNG; name it *.png.")
     stems = [p.stem for p in paths]
-    if (out_dir or save_raw) and len(set(stems)) != len(stems):
+    if (out_dir or save_raw or save_mask) and len(set(stems)) != len(stems):
         raise BadInput("two inputs share a file name stem; outputs would collide.", hint="predict them separately")
     targets = {p: {"heatmap": out if out else (out_dir / f"{p.stem}.png" if out_dir else None),
-                   "raw": save_raw / f"{p.stem}.npy" if save_raw else None} for p in paths}
+                   "raw": save_raw / f"{p.stem}.npy" if save_raw else None,
+                   "mask": save_mask / f"{p.stem}.png" if save_mask else None} for p in paths}
     for files in targets.values():
         for kind, target in files.items():
             if target is not None:
                 refuse_overwrite(target, force, "output file")
 
     built = build_method(method_options.spec(opts))
+    image_threshold, pixel_threshold = decisions.predict_thresholds(card, calibration, card_class, built.description,
+                                                                    threshold)
+    threshold = image_threshold
     value_range = built.method.map_range
     for prediction in predict_paths(built.method, paths, batch_size):
         files = targets[prediction.path]
         record = {"path": str(prediction.path), "image_score": prediction.image_score,
                   "map_max": float(prediction.anomaly_map.max())}
         if threshold is not None:
-            record["label"] = "anomalous" if prediction.image_score >= threshold else "normal"
+            record.update(decisions.decision_record(prediction.image_score, threshold, pixel_threshold))
+        mask = decisions.defect_mask(prediction.anomaly_map, pixel_threshold, prediction.image.size)
+        if files["mask"] is not None:
+            decisions.save_mask(mask, files["mask"])
+            record["mask"] = str(files["mask"])
         if files["heatmap"] is not None:
             overlay = render_overlay(prediction.image, prediction.anomaly_map, score=prediction.image_score,
-                                     normalize=normalize, value_range=value_range, threshold=threshold)
+                                     normalize=normalize, value_range=value_range, threshold=threshold,
+                                     mask=mask)
             with atomic_path(files["heatmap"]) as tmp:
                 overlay.save(tmp, format="PNG")
             record["heatmap"] = str(files["heatmap"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,21 @@ from zsadcli.data.meta import Meta
 
 IMAGE_COLUMNS = ("auroc", "ap", "f1_max")
 PIXEL_COLUMNS = ("auroc", "ap", "f1_max", "aupro")
+
+
+class ClassScores(NamedTuple):
+    """What a method produced for one test class, as eval scores it: image scores and labels (M,),
+    maps and ground-truth masks (M, S, S) at the input size."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+
+
+# Called once per class with its ClassScores; a returned dict is merged into that class's entry
+# (eval's decision metrics at a calibration card, calibrate's threshold search).
+ClassHook = Callable[[str, ClassScores], "dict[str, Any] | None"]
 
 
 @dataclass
@@ -42,18 +57,31 @@ class DatasetResult:
                    "n_anomalous": result["n_anomalous"]}
             row.update({f"image_{k}": 100 * result["image"][k] for k in IMAGE_COLUMNS})
             row.update({f"pixel_{k}": 100 * result["pixel"][k] for k in PIXEL_COLUMNS})
-            out.append(row)
+            out.append(row | _decision_columns(result.get("decision")))
         mean = {"dataset": self.dataset, "class": "mean", "n_images": sum(r["n_images"] for r in out),
                 "n_anomalous": sum(r["n_anomalous"] for r in out)}
         mean.update({f"image_{k}": 100 * self.mean["image"][k]["mean"] for k in IMAGE_COLUMNS})
         mean.update({f"pixel_{k}": 100 * self.mean["pixel"][k]["mean"] for k in PIXEL_COLUMNS})
+        if "decision" in self.mean:
+            mean.update(_decision_columns({side: {k: v["mean"] for k, v in values.items()}
+                                           for side, values in self.mean["decision"].items()}))
         return out + [mean]
+
+
+def _decision_columns(decision: dict[str, Any] | None) -> dict[str, Any]:
+    """``decision_image_accuracy``... (x100) and the thresholds themselves, for CSV and tables."""
+    if not decision:
+        return {}
+    return {f"decision_{side}_{k}": v if k == "threshold" else 100 * v
+            for side, values in decision.items() if isinstance(values, dict)
+            for k, v in values.items() if isinstance(v, float)}
 
 
 def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
                      aupro_variant: str = "exact", classes: list[str] | None = None,
-                     class_name: str | None = None) -> DatasetResult:
-    """``class_name`` fixes the object name of class-aware prompts; by default each class's own."""
+                     class_name: str | None = None, class_hook: ClassHook | None = None) -> DatasetResult:
+    """``class_name`` fixes the object name of class-aware prompts; by default each class's own.
+    ``class_hook(cls, ClassScores)`` sees each class's scores and maps; its dict joins the class's entry."""
     result = DatasetResult(name, aupro_variant)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
@@ -86,6 +114,9 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         result.per_class[cls] = {"n_images": len(label_array), "n_anomalous": int(label_array.sum()),
                                  "image": image, "pixel": pixel}
+        if class_hook is not None:
+            result.per_class[cls].update(class_hook(cls, ClassScores(all_scores.numpy(), label_array, all_maps.numpy(),
+                                                                     torch.cat(masks).numpy())) or {})
     if not result.per_class:
         from zsadcli.errors import BadInput
 

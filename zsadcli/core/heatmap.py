@@ -28,14 +28,16 @@ def normalise_map(amap: np.ndarray, mode: str, value_range: tuple[float, float])
 
 def render_overlay(image: Image.Image, amap: np.ndarray, *, score: float, normalize: str = "fixed",
                    value_range: tuple[float, float] = (0.0, 1.0), threshold: float | None = None,
-                   alpha: float = 0.5) -> Image.Image:
-    """An RGB image at the input's own resolution plus a colour bar and a caption strip."""
+                   alpha: float = 0.5, mask: np.ndarray | None = None) -> Image.Image:
+    """An RGB image at the input's own resolution plus a colour bar and a caption strip;
+    ``mask`` (bool, the image's size): a calibrated defect mask, drawn as an outline."""
     base = image.convert("RGB")
     width, height = base.size
     scaled, (lo, hi) = normalise_map(amap.astype(np.float32), normalize, value_range)
     resized = np.asarray(Image.fromarray(scaled, mode="F").resize((width, height), Image.BILINEAR))
     blended = (1 - alpha) * np.asarray(base, np.float32) + alpha * jet(resized).astype(np.float32)
     overlay = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    overlay = draw_mask_outline(overlay, mask)
 
     font = ImageFont.load_default()
     caption = f"score {score:.3f}"
@@ -56,3 +58,20 @@ def render_overlay(image: Image.Image, amap: np.ndarray, *, score: float, normal
     draw.text((text_x, max(0, height - 12)), f"{lo:.2f}", fill="black", font=font)
     draw.text((2, height + 3), caption, fill="black", font=font)
     return canvas
+
+
+OUTLINE_COLOUR = (255, 0, 255)  # magenta: absent from the jet colour map
+
+
+def draw_mask_outline(image: Image.Image, mask: np.ndarray | None) -> Image.Image:
+    """``image`` with the boundary of the binary ``mask`` (same size) drawn over it, about
+    1/200 of the image wide; unchanged when there is no mask."""
+    if mask is None or not mask.any():
+        return image
+    from scipy import ndimage
+
+    width = max(1, round(max(image.size) / 200))
+    boundary = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    pixels = np.array(image.convert("RGB"))
+    pixels[boundary] = OUTLINE_COLOUR
+    return Image.fromarray(pixels)

@@ -43,8 +43,11 @@ __all__ = [
     "average_precision",
     "class_mean",
     "f1_max",
+    "image_decision_metrics",
     "image_metrics",
+    "pixel_decision_metrics",
     "pixel_metrics",
+    "rates_at_threshold",
 ]
 
 Array = np.ndarray | torch.Tensor
@@ -506,3 +509,59 @@ def class_mean(per_class: Mapping[str, Mapping[str, float | str]]) -> dict[str, 
         mean = sum(defined) / len(defined) if defined else _undefined(f"mean {key}", "no class defines it")
         result[key] = {"mean": mean, "n_classes": len(defined), "n_total": len(values)}
     return result
+
+
+# --------------------------------------------------------------------------- at one threshold
+# A calibrated decision is ``score >= threshold``; these read a confusion matrix at that one
+# threshold (O(n), no sort). A rate whose denominator is empty is NaN with a warning.
+
+
+class Confusion(NamedTuple):
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+
+def confusion_at(y_true: Array, y_score: Array, threshold: float) -> Confusion:
+    """Counts when predicting positive for ``score >= threshold`` (any shape, flattened; one
+    comparison per element, so GPU tensors are counted on the CPU)."""
+    y_true, y_score = (x.detach().cpu() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (y_true, y_score))
+    if tuple(y_true.shape) != tuple(y_score.shape):
+        raise ValueError(f"shape mismatch: labels {tuple(y_true.shape)} vs scores {tuple(y_score.shape)}")
+    s = _scores(y_score, _NumpyOps)
+    y = _labels(y_true, _NumpyOps, like=s)
+    predicted = s >= threshold
+    tp = int(np.count_nonzero(predicted & y))
+    fp = int(np.count_nonzero(predicted)) - tp
+    positives = int(np.count_nonzero(y))
+    return Confusion(tp, fp, int(s.size) - positives - fp, positives - tp)
+
+
+def _ratio(numerator: int, denominator: int, metric: str, reason: str) -> float:
+    return numerator / denominator if denominator else _undefined(metric, reason)
+
+
+def rates_at_threshold(y_true: Array, y_score: Array, threshold: float) -> dict[str, float]:
+    """``fpr`` (normal flagged / normal) and ``tpr`` (anomalous flagged / anomalous) at ``threshold``."""
+    c = confusion_at(y_true, y_score, threshold)
+    return {"fpr": _ratio(c.fp, c.fp + c.tn, "fpr", "no negatives"),
+            "tpr": _ratio(c.tp, c.tp + c.fn, "tpr", "no positives")}
+
+
+def image_decision_metrics(labels: Array, scores: Array, threshold: float) -> dict[str, float]:
+    """Image-level ``accuracy``, ``precision``, ``recall`` and ``fpr`` of ``score >= threshold``."""
+    c = confusion_at(labels, scores, threshold)
+    return {"accuracy": _ratio(c.tp + c.tn, sum(c), "accuracy", "no images"),
+            "precision": _ratio(c.tp, c.tp + c.fp, "precision", "nothing predicted anomalous"),
+            "recall": _ratio(c.tp, c.tp + c.fn, "recall", "no positives"),
+            "fpr": _ratio(c.fp, c.fp + c.tn, "fpr", "no negatives")}
+
+
+def pixel_decision_metrics(masks: Array, maps: Array, threshold: float) -> dict[str, float]:
+    """Pixel ``precision``, ``recall`` and ``iou`` of the binary masks ``map >= threshold``, all
+    pixels of one class pooled (IoU = TP / (TP + FP + FN))."""
+    c = confusion_at(masks, maps, threshold)
+    return {"precision": _ratio(c.tp, c.tp + c.fp, "pixel precision", "no pixel predicted anomalous"),
+            "recall": _ratio(c.tp, c.tp + c.fn, "pixel recall", "no anomalous pixels"),
+            "iou": _ratio(c.tp, c.tp + c.fp + c.fn, "iou", "no anomalous pixel predicted or true")}
