@@ -87,3 +87,27 @@ def test_random_file_is_not_a_checkpoint(runner, tmp_path):
     assert result.exit_code == 2
     assert "is not a checkpoint" in result.output and "needs code" not in result.output
     assert "--allow-pickle" not in result.output
+
+
+# ------------------------------------------------------------------ 9. written files respect the umask
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    from zsadcli.atomic import atomic_path, write_text_atomic
+
+    previous = os.umask(0o027)
+    try:
+        plain = tmp_path / "plain.txt"
+        with open(plain, "w") as fh:
+            fh.write("x")
+        written = write_text_atomic(tmp_path / "meta.json", "{}")
+        with atomic_path(tmp_path / "deep" / "heat.png") as tmp:
+            Image.new("RGB", (4, 4)).save(tmp, format="PNG")
+        expected = plain.stat().st_mode & 0o777
+        assert expected == 0o640
+        for path in (written, tmp_path / "deep" / "heat.png"):
+            assert path.stat().st_mode & 0o777 == expected, oct(path.stat().st_mode)
+        os.chmod(written, 0o600)  # replacing a file keeps its mode, as open(..., "w") keeps it
+        write_text_atomic(written, "{}")
+        assert written.stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "heat.png", "meta.json", "plain.txt"]
+    finally:
+        os.umask(previous)

@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,20 +221,18 @@ def _download_url(entry: WeightEntry) -> Path:
 
     from zsadcli.console import err_console
 
+    from rich.markup import escape
+
+    from zsadcli.atomic import atomic_path
+
     target = _url_cache_path(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
+    with atomic_path(target) as tmp:  # the cache file gets the umask's mode, like any download
+        with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                           TransferSpeedColumn(), console=err_console, transient=True) as bar:
-                task = bar.add_task(f"downloading {target.name}", total=total)
+                task = bar.add_task(escape(f"downloading {target.name}"), total=total)
                 shutil.copyfileobj(_ProgressReader(resp, bar, task), out, 1 << 20)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
