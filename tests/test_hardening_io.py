@@ -111,3 +111,130 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "heat.png", "meta.json", "plain.txt"]
     finally:
         os.umask(previous)
+
+
+# ------------------------------------------------------------------ 2. bit depth and EXIF, images and masks
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_registry) -> Path:
+    from test_anomalyclip import authors_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_15.pth"
+    torch.save(authors_checkpoint(), path)
+    return path
+
+
+def _picture(size: int = 64) -> np.ndarray:
+    """A grey picture with structure (a gradient and a dark square), uint8."""
+    y, x = np.mgrid[0:size, 0:size]
+    picture = (40 + 150 * x / size + 30 * np.sin(y / 5)).round().astype(np.uint8)
+    picture[20:36, 30:46] = 10
+    return picture
+
+
+def _with_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def test_sixteen_bit_float_and_rotated_images_score_as_their_8_bit_original(runner, tmp_path, checkpoint):
+    from zsadcli.data.images import open_image
+
+    picture = _picture()
+    files = {"eight": tmp_path / "eight.png", "sixteen": tmp_path / "sixteen.png", "float": tmp_path / "float.tif",
+             "rotated": tmp_path / "rotated.png"}
+    Image.fromarray(picture).save(files["eight"])
+    Image.fromarray(picture.astype(np.uint16) * 257).save(files["sixteen"])  # the same picture, 16 bit
+    Image.fromarray(picture.astype(np.float32) / 255).save(files["float"])  # float in [0, 1]
+    # stored rotated by 90 degrees with the EXIF tag that says "rotate back" (orientation 6)
+    stored = Image.fromarray(picture).transpose(Image.Transpose.ROTATE_90)
+    stored.save(files["rotated"], exif=_with_orientation(stored, 6))
+    for name, path in files.items():
+        assert np.array_equal(np.asarray(open_image(path).convert("L")), picture), name
+    assert Image.open(files["sixteen"]).mode == "I;16" and Image.open(files["float"]).mode == "F"
+    result = runner.invoke(app, ["predict", *map(str, files.values()), "--checkpoint", str(checkpoint), *TINY,
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    scores = {Path(r["path"]).stem: r["image_score"] for r in map(json.loads, result.stdout.splitlines())}
+    assert len(set(scores.values())) == 1, scores  # bit depth and orientation change nothing
+
+
+def test_other_ranges_follow_the_documented_rule(tmp_path):
+    from zsadcli.data.images import open_image
+
+    dark16 = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # a 12-bit sensor in 16 bit
+    Image.fromarray(dark16).save(tmp_path / "twelve.png")
+    np.testing.assert_array_equal(np.asarray(open_image(tmp_path / "twelve.png")),
+                                  np.round(dark16 / 257).astype(np.uint8))
+    wide = np.linspace(-3.0, 5.0, 64 * 64, dtype=np.float32).reshape(64, 64)  # float outside [0, 1]: min-max
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    got = np.asarray(open_image(tmp_path / "wide.tif"))
+    np.testing.assert_array_equal(got, np.round((wide.astype(np.float64) + 3) / 8 * 255).astype(np.uint8))
+
+
+def test_masks_keep_small_labels_at_any_depth_and_follow_exif(tmp_path):
+    from zsadcli.data.dataset import MetaDataset
+    from zsadcli.data.images import clip_preprocess, load_mask, open_mask
+    from zsadcli.data.meta import MetaItem
+
+    labels = np.zeros((64, 64), np.uint16)
+    labels[8:24, 40:56] = 1  # a label image with value 1 (VisA-style), 16 bit
+    Image.fromarray(labels).save(tmp_path / "mask16.png")
+    Image.fromarray(labels.astype(np.float32) * 0.5).save(tmp_path / "maskf.tif")
+    binary = labels.astype(bool)
+    for name in ("mask16.png", "maskf.tif"):
+        assert np.array_equal(np.asarray(open_mask(tmp_path / name)) > 0, binary), name
+    stored = Image.fromarray(binary.astype(np.uint8) * 255).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "rot_mask.png", exif=_with_orientation(stored, 6))
+    assert np.array_equal(load_mask(tmp_path / "rot_mask.png", 64).numpy(), load_mask(tmp_path / "mask16.png", 64).numpy())
+    # eval and train read items through the same opener
+    picture = _picture()
+    Image.fromarray(picture.astype(np.uint16) * 257).save(tmp_path / "img16.png")
+    Image.fromarray(picture).save(tmp_path / "img8.png")
+    items = [MetaItem(img_path=f"img{d}.png", mask_path="mask16.png", cls_name="x", specie_name="bad", anomaly=1)
+             for d in (16, 8)]
+    data = MetaDataset(tmp_path, items, lambda im: clip_preprocess(im, 56), 56)
+    assert torch.equal(data[0]["image"], data[1]["image"]) and data[0]["mask"].any()
+
+
+# ------------------------------------------------------------------ 7. huge images: one limit, one message
+def _png_header_bomb(path: Path, side: int) -> None:
+    """A valid all-black side x side grey PNG of a few hundred KB (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    squeeze = zlib.compressobj(9)
+    row = b"\0" * (side + 1)
+    data = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_huge_images_are_refused_with_one_message_and_the_limit_can_be_raised(runner, tmp_path, checkpoint,
+                                                                                 monkeypatch):
+    huge = tmp_path / "huge.png"
+    _png_header_bomb(huge, 15000)
+    result = runner.invoke(app, ["predict", str(huge), "--checkpoint", str(checkpoint), *TINY,
+                                 "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "15000 x 15000" in result.output and "--max-image-pixels" in result.output
+    assert not (tmp_path / "o.png").exists()
+    small = tmp_path / "small.png"
+    Image.fromarray(_picture()).save(small)  # 4096 pixels
+    monkeypatch.setenv("ZSAD_MAX_IMAGE_PIXELS", "4000")
+    refused = runner.invoke(app, ["predict", str(small), "--checkpoint", str(checkpoint), *TINY, "--json"])
+    assert refused.exit_code == 2 and "4,000" in refused.output
+    from zsadcli.data.validate import _probe
+
+    assert "above zsad's limit" in _probe(small, decode=False)[1]  # prepare --check: the same limit
+    try:
+        raised = runner.invoke(app, ["--max-image-pixels", "5000", "predict", str(small), "--checkpoint",
+                                     str(checkpoint), *TINY, "--json"])
+        assert raised.exit_code == 0, raised.output
+    finally:
+        from zsadcli.data.images import set_max_image_pixels
+
+        set_max_image_pixels(None)  # the option is process-wide, as in one CLI run
