@@ -238,3 +238,134 @@ def test_huge_images_are_refused_with_one_message_and_the_limit_can_be_raised(ru
         from zsadcli.data.images import set_max_image_pixels
 
         set_max_image_pixels(None)  # the option is process-wide, as in one CLI run
+
+
+# ------------------------------------------------------------------ 8. paths are text, never rich markup
+@pytest.fixture
+def columns80(monkeypatch):
+    """A non-TTY stderr 80 columns wide (CliRunner's stderr is not a terminal)."""
+    from zsadcli.console import err_console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(err_console, "_width", 80)
+
+
+def test_bracketed_paths_print_as_they_are(tmp_path, checkpoint, columns80):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    first, second = tmp_path / "x[" / "x[/b]y" / "g.png", tmp_path / "br[ack]ets" / "h.png"
+    for path, seed in ((first, 0), (second, 1)):
+        path.parent.mkdir(parents=True)
+        Image.fromarray(np.roll(_picture(), seed * 7, axis=1)).save(path)
+    result = runner.invoke(app, ["predict", str(first), str(second), "--checkpoint", str(checkpoint), *TINY,
+                                 "--out-dir", str(tmp_path / "o[red]")])
+    assert result.exit_code == 0, result.output
+    assert f"{first}: score" in result.stderr and f"{second}: score" in result.stderr
+    assert str(tmp_path / "o[red]" / "g.png") in result.stderr
+    assert not result.stderr.startswith("\n")  # no progress-bar residue on a non-TTY stderr
+
+
+def _bracket_dataset(root: Path) -> None:
+    """One class named ``br[ack]ets`` (2 normal, 2 anomalous with masks), 48 px."""
+    from zsadcli.data.meta import MetaItem, write_meta
+
+    items = []
+    for index, anomalous in enumerate((0, 0, 1, 1)):
+        picture = np.roll(_picture(48), 5 * index, axis=0)
+        image = f"br[ack]ets/test/{index}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(root / image)
+        mask = ""
+        if anomalous:
+            mask = f"br[ack]ets/gt/{index}.png"
+            (root / mask).parent.mkdir(parents=True, exist_ok=True)
+            grid = np.zeros((48, 48), np.uint8)
+            grid[10:20, 10 + index:30] = 255
+            Image.fromarray(grid).save(root / mask)
+        items.append(MetaItem(image, mask, "br[ack]ets", "bad" if anomalous else "good", anomalous))
+    write_meta(root, {"train": {}, "test": {"br[ack]ets": items}})
+
+
+def test_eval_table_keeps_bracketed_names_and_fits_80_columns(tmp_path, checkpoint, columns80):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    _bracket_dataset(tmp_path / "data" / "d[x]")
+    result = runner.invoke(app, ["eval", "--test-on", "d[x]", "--data-root", str(tmp_path / "data"),
+                                 "--checkpoint", str(checkpoint), *TINY, "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    table_lines = [line for line in lines if not line.startswith(("wrote ", "mean over", "note:"))]
+    assert all(len(line) <= 80 for line in table_lines), max(table_lines, key=len)  # logs are not wrapped
+    assert "…" not in result.stderr  # folded or split, never cut
+    assert any("br[ack]ets" in line for line in lines) and "d[x] (x100)" in result.stderr
+    for header in ("img auroc", "img ap", "img f1-max", "px auroc", "px ap", "px f1-max", "px aupro"):
+        assert header in result.stderr  # every column, whole, in one table or several
+    assert not result.stderr.startswith("\n")
+
+
+# ------------------------------------------------------------------ 13. tables at 80 columns
+def test_tables_fold_or_split_never_cut(columns80, capsys):
+    from rich.table import Table
+
+    from zsadcli.console import err_console, print_table
+
+    table = Table(title="anomalyclip ablation on visa (class means x100; change vs full)")
+    table.add_column("variant")
+    names = ["img auroc", "img ap", "img f1-max", "px auroc", "px ap", "px f1-max", "px aupro"]
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row("full", *["91.2"] * 7)
+    table.add_row("- no-text-deep-prompts-and-more", *["88.0 [red](-3.2)[/]"] * 7)
+    print_table(table)
+    err = capsys.readouterr().err
+    assert err_console.width == 80 and all(len(line) <= 80 for line in err.splitlines())
+    parts = err.count("change vs full)")
+    assert parts >= 2 and f"({parts}/{parts})" in err
+    assert "…" not in err and err.count("no-text-deep-prompts-and-more") == parts  # repeated in each part
+    assert all(name in err for name in names)
+
+
+def test_weights_list_at_80_columns(tmp_path, columns80, monkeypatch):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    monkeypatch.delenv("ZSAD_REGISTRY")  # the packaged registry: long sources
+    result = runner.invoke(app, ["weights", "list"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("cache: ")]  # a log line
+    assert all(len(line) <= 80 for line in lines) and "…" not in result.stderr
+    from zsadcli.core import hub
+
+    flat = "".join(line.split("│")[1].strip() for line in lines if line.startswith("│"))  # first cells
+    for entry in hub.load_registry().values():
+        assert entry.key in result.stderr
+        assert entry.display_source in flat  # folded over lines, but whole
+    # no column squeezed to a few letters per line
+    assert sum(1 for line in lines if len(line.strip("│ ┃")) <= 3) < 5
+
+
+# ------------------------------------------------------------------ 10. messages that name the real thing
+def test_weights_verify_names_the_command_and_prepare_seed_help(tmp_path, monkeypatch):
+    import yaml
+
+    from zsadcli.core import hub
+
+    registry = tmp_path / "reg.yaml"
+    registry.write_text(yaml.safe_dump({"checkpoints": {"my-weights": {
+        "source": "url", "url": "https://example.invalid/w.pth", "sha256": "0" * 64, "format": "authors"}}}))
+    monkeypatch.setenv("ZSAD_REGISTRY", str(registry))
+    monkeypatch.setenv("ZSAD_CACHE", str(tmp_path / "cache"))
+    cached = hub._url_cache_path(hub.get_entry("my-weights"))
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"damaged")
+    result = CliRunner().invoke(app, ["weights", "verify", "my-weights"])
+    assert result.exit_code == 4
+    assert "zsad weights download my-weights" in result.output and "NAME" not in result.output
+    assert str(cached) in result.output.replace("\n", "")
+    help_text = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "200"}).output
+    assert "recipe" not in help_text and "synthetic" in help_text
+
+
+def test_missing_mask_hint_names_mask_path(tmp_path):
+    from zsadcli.data.images import load_mask
+    from zsadcli.errors import BadInput
+
+    with pytest.raises(BadInput) as raised:
+        load_mask(tmp_path / "gone_mask.png", 32)
+    assert "mask_path" in raised.value.hint and "img_path" not in raised.value.hint

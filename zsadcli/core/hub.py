@@ -217,20 +217,19 @@ def _download_hf(entry: WeightEntry) -> Path:
 
 
 def _download_url(entry: WeightEntry) -> Path:
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from zsadcli.console import err_console
-
-    from rich.markup import escape
-
     from zsadcli.atomic import atomic_path
+    from zsadcli.console import err_console
 
     target = _url_cache_path(entry)
     with atomic_path(target) as tmp:  # the cache file gets the umask's mode, like any download
         with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), console=err_console, transient=True) as bar:
+                          TransferSpeedColumn(), console=err_console, transient=True,
+                          disable=err_console.quiet or not err_console.is_terminal) as bar:
                 task = bar.add_task(escape(f"downloading {target.name}"), total=total)
                 shutil.copyfileobj(_ProgressReader(resp, bar, task), out, 1 << 20)
     return target
