@@ -369,3 +369,69 @@ def test_missing_mask_hint_names_mask_path(tmp_path):
     with pytest.raises(BadInput) as raised:
         load_mask(tmp_path / "gone_mask.png", 32)
     assert "mask_path" in raised.value.hint and "img_path" not in raised.value.hint
+
+
+# ------------------------------------------------------------------ 11. overlays scale with the image
+def _ink_rows(canvas: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """How many pixel rows of ``box`` hold dark (text) pixels."""
+    region = np.asarray(canvas.crop(box).convert("L"))
+    return int((region < 100).any(axis=1).sum())
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (112, 112), (6000, 40)])
+def test_overlay_keeps_the_image_and_scales_its_text(size):
+    from zsadcli.core.heatmap import jet, overlay_layout, render_overlay
+
+    width, height = size
+    image = Image.new("RGB", size, (40, 80, 120))
+    amap = np.zeros((height, width), np.float32)
+    short = render_overlay(image, amap, score=0.5)
+    long = render_overlay(image, amap, score=0.5, threshold=0.123456789, normalize="image")
+    layout = overlay_layout(width, height)
+    assert short.size == long.size == layout.canvas  # the caption never changes the size
+    # the image keeps its own pixels and size: a zero map on the fixed scale is pure blue, blended
+    expected = np.round(0.5 * np.array([40, 80, 120]) + 0.5 * jet(np.zeros(1))[0]).astype(np.uint8)
+    assert (np.asarray(short.crop(layout.image)) == expected).all()
+    boxes = [layout.image, layout.bar, layout.high_label, layout.low_label, layout.caption]
+    for i, a in enumerate(boxes):  # nothing drawn over anything else, everything on the canvas
+        assert 0 <= a[0] < a[2] <= layout.canvas[0] and 0 <= a[1] < a[3] <= layout.canvas[1]
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    text_px = layout.text_px
+    assert text_px == max(10, round(max(size) * 0.025))  # 150 px letters on a 6000 px image
+    for canvas in (short, long):
+        assert _ink_rows(canvas, layout.caption) >= 0.5 * text_px
+        assert _ink_rows(canvas, layout.high_label) >= 0.5 * text_px
+        outside = np.asarray(canvas.convert("L")).copy()
+        for box in boxes:
+            outside[box[1]:box[3], box[0]:box[2]] = 255
+        assert (outside > 200).all()  # no text spills outside its box
+
+
+def test_clip_ad_fixed_scale_is_its_maps_reachable_range(b16plus_file):
+    """CLIP-AD's map sums signed surgery scores: 0 (normal) is the bottom of the fixed scale and the
+    top is the largest score these text vectors allow, far below the old 4."""
+    import torch.nn.functional as F
+
+    from zsadcli.core.engine import MethodSpec, build_method
+    from zsadcli.core.methods.clip_ad import feature_surgery_score
+
+    method = build_method(MethodSpec("clip-ad", backbone_file=str(b16plus_file), image_size=240,
+                                     class_name="bottle", hparams={"rep_vec": "mean"})).method
+    lo, hi = method.map_range
+    per_layer = method.surgery_bound()
+    assert lo == 0.0 and hi == pytest.approx(4 * per_layer) and 0 < per_layer < 1
+    text = F.normalize(method.batch_text_features(1).float(), dim=-1)  # (1, 2, E)
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randn(1, 256, text.shape[-1], generator=gen)]
+    towards = text[0, 1] - text[0, 0]  # the most anomalous direction, for CLS and patches alike
+    tokens.append(towards.expand(1, 3, -1) + 0.1 * torch.randn(1, 3, text.shape[-1], generator=gen))
+    tokens.append(torch.stack([towards, text[0, 1], text[0, 1] + text[0, 0]])[None])
+    scores = torch.cat([feature_surgery_score(F.normalize(t, dim=-1), text) for t in tokens], dim=1)
+    assert scores.abs().max() <= per_layer + 1e-6
+    assert scores.max() >= 0.5 * per_layer  # the bound is of the right size, not a loose 1
+    # a near-zero map renders blue on this scale (the README's promise), not the old mid-scale green
+    from zsadcli.core.heatmap import normalise_map
+
+    scaled, _ = normalise_map(np.full((4, 4), 1e-4, np.float32), "fixed", (lo, hi))
+    assert scaled.max() < 0.01
