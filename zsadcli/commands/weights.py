@@ -67,7 +67,7 @@ def download(ctx: typer.Context,
     """Fetch one entry into the cache and verify its checksum (a cache hit is re-verified)."""
     opts = merge_options(ctx, json=json, quiet=quiet)
     entry = hub.get_entry(name)
-    path = hub.resolve(entry)
+    path = hub.resolve(entry, fallback=False)  # this very file, not an alternative
     result = hub.verify(entry, path)
     if opts.json:
         emit_json({"key": name, "path": str(path), "verified": result.ok, "basis": result.basis})

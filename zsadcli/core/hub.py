@@ -245,12 +245,26 @@ class _ProgressReader:
         return data
 
 
-def resolve(entry: WeightEntry, *, download: bool = True) -> Path:
+def resolve(entry: WeightEntry, *, download: bool = True, fallback: bool = True) -> Path:
     """Return a verified local path for ``entry``: cache hit (re-hashed) or fresh download.
 
-    Offline with a cache miss -> exit 3 naming the command that would fetch it;
+    Offline with a cache miss -> exit 3 naming the command that would fetch it (after trying the
+    entry's ``fallback`` key, if it names one: another file with the same tensors);
     digest mismatch -> exit 4 naming the file.
     """
+    try:
+        return _resolve_one(entry, download)
+    except WeightsUnavailable as missing:
+        alternative = entry.extra.get("fallback")
+        if not (fallback and alternative):
+            raise
+        try:
+            return resolve(get_entry(str(alternative)), download=download)
+        except WeightsUnavailable:
+            raise missing from None
+
+
+def _resolve_one(entry: WeightEntry, download: bool) -> Path:
     path = cached_path(entry)
     if path is not None:
         return _check(entry, path)
