@@ -118,7 +118,8 @@ FixNormalPromptOpt = Annotated[bool, typer.Option(
 ReferenceOpt = Annotated[Optional[str], typer.Option(
     "--reference", help="WinCLIP few-shot: a folder of normal reference images.", show_default=False)]
 AllowPickleOpt = Annotated[bool, typer.Option(
-    "--allow-pickle", help="Read authors' whole-object pickles (BSR-CLIP's Adaptor) with an allowlist: torch tensors and the known classes only; any other object is refused.")]
+    "--allow-pickle", help="Read authors' whole-object pickles (BSR-CLIP's Adaptor) through an allowlist: "
+                           "torch tensors and the known classes only; any other object is refused unrun.")]
 HparamOpt = Annotated[Optional[list[str]], typer.Option(
     "--hparam", help="Override a method hyperparameter, KEY=VALUE (repeatable; VALUE parsed as YAML).",
     show_default=False)]

@@ -135,9 +135,18 @@ def _allowlist_pickle():
         def find_class(self, module: str, name: str):
             return _allowed_global(module, name)
 
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+
+    def loads(data, **kwargs):
+        import io
+
+        return Unpickler(io.BytesIO(data), **kwargs).load()
+
     shim = types.ModuleType("zsad_allowlist_pickle")
     shim.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
-    shim.Unpickler = Unpickler
+    # torch's legacy (non-zip) format reads its header pickles with pickle_module.load: those too
+    shim.Unpickler, shim.load, shim.loads = Unpickler, load, loads
     return shim
 
 
