@@ -228,3 +228,61 @@ def test_hub_id_loads_offline_from_the_cache(reference):
 
     with pytest.raises(WeightsUnavailable):
         load_backbone("hf-hub:zsad-test/not-cached", quick_gelu=True)
+
+
+def test_default_vit_l_sources_give_the_same_tensors(tmp_path, monkeypatch):
+    """The three ViT-L/14@336 routes of weights.yaml, rebuilt at tiny scale offline: open_clip's Hub
+    safetensors (fp32, the default), its .bin fallback, and OpenAI's fp16 TorchScript archive (the
+    mirror and OpenAI's URL hold the same bytes). Same key mapping, same tensors, same model."""
+    import os
+    from pathlib import Path
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from zsadcli.core import hub
+    from tinyclip import install_in_hf_cache, sha256_of
+
+    packaged = hub._parse_registry(hub.PACKAGE_REGISTRY)
+    fp16 = build_tiny_open_clip(seed=0).half()  # OpenAI ships fp16; open_clip's copy is those values in fp32
+    state = {k: v.float() for k, v in fp16.state_dict().items() if k != "attn_mask"}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    save_file(state, str(staging / "open_clip_model.safetensors"))
+    torch.save(state, staging / "open_clip_pytorch_model.bin")
+    torch.jit.script(fp16).save(str(staging / "ViT-L-14-336px.pt"))
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    entries = {}
+    for key in ("openai-vit-l-14-336", "openai-vit-l-14-336-bin", "openai-vit-l-14-336-mirror",
+                "openai-vit-l-14-336-openai-url"):
+        spec = dict(packaged[key].extra)  # fallback, quick_gelu, origin
+        spec.update(source=packaged[key].source, format=packaged[key].format)
+        payload = staging / (packaged[key].filename or "ViT-L-14-336px.pt")
+        spec["sha256"] = sha256_of(payload)  # the tiny stand-in's digest in place of the real file's
+        if packaged[key].source == "hf":
+            repo = f"zsad-test/{packaged[key].repo_id.split('/')[1]}"
+            spec.update(repo_id=repo, filename=packaged[key].filename, revision="d" * 40)
+            if key != "openai-vit-l-14-336":  # the default is installed below, after its fallback is tried
+                install_in_hf_cache(cache, repo, packaged[key].filename, "d" * 40, payload)
+        else:
+            spec.update(url=packaged[key].url, filename=packaged[key].filename)
+            target = tmp_path / "zsad" / "url" / spec["sha256"][:16] / packaged[key].filename
+            target.parent.mkdir(parents=True)
+            target.write_bytes(payload.read_bytes())
+        entries[key] = spec
+    registry = tmp_path / "reg.yaml"
+    registry.write_text(yaml.safe_dump({"backbones": entries}))
+    monkeypatch.setenv("ZSAD_REGISTRY", str(registry))
+    monkeypatch.setenv("ZSAD_CACHE", str(tmp_path / "zsad"))
+    # offline without the safetensors: the default key falls back to the .bin (same tensors)
+    assert hub.resolve(hub.get_entry("openai-vit-l-14-336")).name == "open_clip_pytorch_model.bin"
+    install_in_hf_cache(cache, entries["openai-vit-l-14-336"]["repo_id"], "open_clip_model.safetensors", "d" * 40,
+                        staging / "open_clip_model.safetensors")
+    assert hub.resolve(hub.get_entry("openai-vit-l-14-336")).name == "open_clip_model.safetensors"
+    default = load_backbone("openai-vit-l-14-336", quick_gelu=True)
+    reference = default.clip.state_dict()
+    for key in ("openai-vit-l-14-336-bin", "openai-vit-l-14-336-mirror", "openai-vit-l-14-336-openai-url"):
+        own = load_backbone(key, quick_gelu=True).clip.state_dict()
+        assert own.keys() == reference.keys(), key
+        assert all(torch.equal(own[k], reference[k]) for k in own), key
+    assert all(torch.equal(reference[k], v) for k, v in state.items())  # OpenAI's fp16 values, in fp32

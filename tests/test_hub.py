@@ -17,9 +17,20 @@ from tinyclip import TINY_FILE, TINY_REPO, TINY_REVISION, install_in_hf_cache
 
 def test_packaged_registry_has_the_backbones():
     registry = hub.load_registry()
-    vitl = registry["openai-vit-l-14-336"]
-    assert vitl.sha256 == "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
-    assert vitl.format == "openai-torchscript" and vitl.extra["quick_gelu"] is True
+    vitl = registry["openai-vit-l-14-336"]  # the default: open_clip's own Hub copy, pinned and hashed
+    assert (vitl.repo_id, vitl.filename) == ("timm/vit_large_patch14_clip_336.openai", "open_clip_model.safetensors")
+    assert vitl.revision == "81e38efc4637de5023b10e75a7f9bd1c6fa6b010"
+    assert vitl.sha256 == "fbc415c3d0d7b79faed8f5ccfb740c32b7c4f5ffe7283b851f89c6231c01a8e0"
+    assert vitl.format == "state-dict" and vitl.extra["quick_gelu"] is True
+    fallback = registry[vitl.extra["fallback"]]
+    assert (fallback.repo_id, fallback.filename, fallback.revision) == (
+        vitl.repo_id, "open_clip_pytorch_model.bin", vitl.revision)
+    for key in ("openai-vit-l-14-336-mirror", "openai-vit-l-14-336-openai-url"):  # documented alternatives
+        alternative = registry[key]
+        assert alternative.sha256 == "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
+        assert alternative.format == "openai-torchscript" and alternative.extra["quick_gelu"] is True
+    assert registry["openai-vit-l-14-336-mirror"].repo_id == "cubert-gmbh/clip"
+    assert registry["openai-vit-l-14-336-openai-url"].url.startswith("https://openaipublic.azureedge.net/clip/")
     plus = registry["laion-vit-b-16-plus-240"]
     assert plus.extra["quick_gelu"] is False and plus.source == "hf"
 
@@ -36,7 +47,7 @@ def test_offline_miss_exits_3_with_the_fetch_command(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["weights", "download", "openai-vit-l-14-336"])
     assert result.exit_code == 3, result.output
     assert "zsad weights download openai-vit-l-14-336" in result.output
-    assert "cubert-gmbh/clip" in result.output and "Traceback" not in result.output
+    assert "timm/vit_large_patch14_clip_336.openai" in result.output and "Traceback" not in result.output
 
 
 def _corrupt_copy_of_tiny(tmp_path, monkeypatch, tiny_registry) -> Path:

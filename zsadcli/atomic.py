@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,15 +17,31 @@ def refuse_overwrite(path: Path, force: bool, what: str) -> None:
         raise BadInput(f"{what} {path} already exists.", hint="pass --force to replace it")
 
 
+def _create_temp_beside(target: Path) -> Path:
+    """A new empty file next to ``target`` with the mode a plain ``open(target, "w")`` would give it:
+    0666 minus the umask (``mkstemp``'s 0600 would make users' outputs private), or the mode of
+    the file it replaces."""
+    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the umask applies here
+        except FileExistsError:
+            continue
+        if target.is_file():
+            os.fchmod(fd, mode)  # an existing file keeps its mode, as open(..., "w") keeps it
+        os.close(fd)
+        return tmp
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
+    tmp = _create_temp_beside(target)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -5,8 +5,8 @@ import typer
 
 from zsadcli import __version__
 from zsadcli.commands import ablate, calibrate, doctor, eval as eval_cmd, predict, prepare, train, weights
-from zsadcli.commands.common import (DeviceOpt, GlobalOptions, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt,
-                                     guard, merge_options)
+from zsadcli.commands.common import (DeviceOpt, GlobalOptions, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, QuietOpt,
+                                     SeedOpt, guard, merge_options)
 
 app = typer.Typer(
     name="zsad",
@@ -36,12 +36,14 @@ def main_options(
     seed: SeedOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
+    max_image_pixels: MaxImagePixelsOpt = None,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     """Global options; every subcommand also accepts them after its name."""
     ctx.obj = GlobalOptions()
-    ctx.obj = merge_options(ctx, device=device, precision=precision, seed=seed, json=json, quiet=quiet)
+    ctx.obj = merge_options(ctx, device=device, precision=precision, seed=seed, json=json, quiet=quiet,
+                            max_image_pixels=max_image_pixels)
 
 
 app.command("prepare")(guard(prepare.prepare))

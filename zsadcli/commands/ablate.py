@@ -9,7 +9,7 @@ from rich.table import Table
 
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
-from zsadcli.console import emit_json, err_console, log
+from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
 
@@ -52,12 +52,12 @@ def ablate(
         if opts.json:
             emit_json(cls.ablations)
         else:
-            table = Table(title=f"{method} ablation switches")
+            table = Table(title=f"{esc(method)} ablation switches")
             table.add_column("switch")
             table.add_column("turns off")
             for switch, description in cls.ablations.items():
                 table.add_row(switch, description)
-            err_console.print(table)
+            print_table(table)
         return
     if not test_on:
         raise BadInput("--test-on names no dataset.", hint="e.g. --test-on visa (or --list to see the switches)")
@@ -82,7 +82,7 @@ def ablate(
         emit_json({"run": str(run), "aupro_variant": aupro, "rows": [r.to_json() for r in rows]})
         return
     for dataset in names:
-        table = Table(title=f"{method} ablation on {dataset} (class means x100; change vs full)")
+        table = Table(title=f"{esc(method)} ablation on {esc(dataset)} (class means x100; change vs full)")
         table.add_column("variant")
         columns = list(rows[0].means)
         for column in columns:
@@ -99,6 +99,6 @@ def ablate(
                 else:
                     colour = "green" if delta > 0.05 else "red" if delta < -0.05 else "dim"
                     cells.append(f"{value:.1f} [{colour}]({delta:+.1f})[/]")
-            table.add_row(row.variant if row.variant == "full" else f"- {row.variant}", *cells)
-        err_console.print(table)
-    log(f"wrote {run}/ablation.json, ablation.csv")
+            table.add_row(esc(row.variant if row.variant == "full" else f"- {row.variant}"), *cells)
+        print_table(table)
+    log(f"wrote {esc(run)}/ablation.json, ablation.csv")

@@ -9,7 +9,7 @@ import typer
 from zsadcli.atomic import refuse_overwrite
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
-from zsadcli.console import emit_json, log
+from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
 
@@ -114,7 +114,7 @@ def calibrate(
     calibration.write_card(out, card)
     if opts.json:
         for note in card["warnings"]:  # stderr: stdout stays one JSON document
-            log(f"[yellow]warning:[/] {note}")
+            log(f"[yellow]warning:[/] {esc(note)}")
         emit_json({"card": str(out), **card})
         return
     _summarise(card, out)
@@ -137,7 +137,7 @@ def _summarise(card: dict, out: Path) -> None:
         if rates:
             log(f"{side} at its threshold on the test split: FPR {rates['fpr']:.4f}, TPR {rates['tpr']:.4f}")
     for cls, entry in (card.get("per_class") or {}).items():
-        log(f"  {cls}: image {entry['image_threshold']:.6g}, pixel {entry['pixel_threshold']:.6g}")
+        log(f"  {esc(cls)}: image {entry['image_threshold']:.6g}, pixel {entry['pixel_threshold']:.6g}")
     for note in card["warnings"]:
-        log(f"[yellow]warning:[/] {note}")
-    log(f"wrote {out}")
+        log(f"[yellow]warning:[/] {esc(note)}")
+    log(f"wrote {esc(out)}")

@@ -38,6 +38,11 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (def
                                                 show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress bars on stderr.")]
+MaxImagePixelsOpt = Annotated[Optional[int], typer.Option(
+    "--max-image-pixels", min=1, help="Largest image (width x height) zsad decodes; default 178,956,970 or "
+                                      "$ZSAD_MAX_IMAGE_PIXELS (a guard against decompression bombs). Give it "
+                                      "before the command: zsad --max-image-pixels N predict ...",
+    show_default=False)]
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,12 @@ class GlobalOptions:
     seed: Optional[int] = None
     json: bool = False
     quiet: bool = False
+    max_image_pixels: Optional[int] = None  # root option only (`zsad --max-image-pixels N CMD`)
 
 
 def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision: Optional[str] = None,
-                  seed: Optional[int] = None, json: bool = False, quiet: bool = False) -> GlobalOptions:
+                  seed: Optional[int] = None, json: bool = False, quiet: bool = False,
+                  max_image_pixels: Optional[int] = None) -> GlobalOptions:
     """The root callback's options overridden by what the subcommand was given."""
     base = ctx.find_root().obj if isinstance(ctx.find_root().obj, GlobalOptions) else GlobalOptions()
     merged = replace(base,
@@ -58,8 +65,12 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
                      precision=precision or base.precision,
                      seed=seed if seed is not None else base.seed,
                      json=json or base.json,
-                     quiet=quiet or base.quiet)
+                     quiet=quiet or base.quiet,
+                     max_image_pixels=max_image_pixels if max_image_pixels is not None else base.max_image_pixels)
     set_quiet(merged.quiet)
+    from zsadcli.data.images import set_max_image_pixels
+
+    set_max_image_pixels(merged.max_image_pixels)
     if device:
         from zsadcli.core.devices import resolve_device
 
@@ -107,7 +118,8 @@ FixNormalPromptOpt = Annotated[bool, typer.Option(
 ReferenceOpt = Annotated[Optional[str], typer.Option(
     "--reference", help="WinCLIP few-shot: a folder of normal reference images.", show_default=False)]
 AllowPickleOpt = Annotated[bool, typer.Option(
-    "--allow-pickle", help="UNSAFE: load checkpoints that are whole-object pickles (runs code from the file).")]
+    "--allow-pickle", help="Read authors' whole-object pickles (BSR-CLIP's Adaptor) through an allowlist: "
+                           "torch tensors and the known classes only; any other object is refused unrun.")]
 HparamOpt = Annotated[Optional[list[str]], typer.Option(
     "--hparam", help="Override a method hyperparameter, KEY=VALUE (repeatable; VALUE parsed as YAML).",
     show_default=False)]

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from zsadcli import __version__
 from zsadcli.commands.common import JsonOpt, QuietOpt, merge_options
-from zsadcli.console import emit_json, err_console
+from zsadcli.console import emit_json, err_console, esc
 from zsadcli.core import hub
 
 
@@ -55,11 +55,11 @@ def doctor(ctx: typer.Context, json: JsonOpt = False, quiet: QuietOpt = False) -
     for name, value in report["versions"].items():
         table.add_row(name, value)
     table.add_row("devices", ", ".join(report["devices"]))
-    table.add_row("hub cache", report["cache"]["hub"])
-    table.add_row("zsad cache", report["cache"]["zsad"])
+    table.add_row("hub cache", esc(report["cache"]["hub"]))
+    table.add_row("zsad cache", esc(report["cache"]["zsad"]))
     table.add_row("offline", "yes (HF_HUB_OFFLINE)" if report["cache"]["offline"] else "no")
     for row in report["weights"]:
         state = "missing" if not row["present"] else (
             f"present, verified ({row['basis']})" if row["verified"] else "[red]present, CHECKSUM MISMATCH[/]")
-        table.add_row(f"weights {row['key']}", state)
+        table.add_row(f"weights {esc(row['key'])}", state)
     err_console.print(table)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
-from zsadcli.console import emit_json, err_console, log
+from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
 
@@ -31,15 +31,15 @@ def render_result(result, title: str) -> None:
     rows = result.rows()
     for i, row in enumerate(rows):
         cells = [_cell(row[f"image_{c}"]) for c in IMAGE_COLUMNS] + [_cell(row[f"pixel_{c}"]) for c in PIXEL_COLUMNS]
-        table.add_row(row["class"], *cells, end_section=(i == len(rows) - 2))
-    err_console.print(table)
+        table.add_row(esc(row["class"]), *cells, end_section=(i == len(rows) - 2))
+    print_table(table)
     total = len(result.per_class)
     image_n, pixel_n = (result.mean[s]["auroc"]["n_classes"] for s in ("image", "pixel"))
     if image_n < total or pixel_n < total:
         log(f"mean over {image_n}/{total} classes (image) and {pixel_n}/{total} classes (pixel); "
             "undefined metrics show n/a")
     for note in result.notes:
-        log(f"[yellow]note:[/] {note}")
+        log(f"[yellow]note:[/] {esc(note)}")
 
 
 DECISION_COLUMNS = (("image", "accuracy"), ("image", "precision"), ("image", "recall"), ("image", "fpr"),
@@ -55,9 +55,9 @@ def render_decisions(result, title: str) -> None:
         table.add_column(f"{'img' if side == 'image' else 'px'} {short[name]}", justify="right")
     rows = result.rows()
     for i, row in enumerate(rows):
-        table.add_row(row["class"], *(_cell(row.get(f"decision_{s}_{n}", float("nan"))) for s, n in DECISION_COLUMNS),
-                      end_section=(i == len(rows) - 2))
-    err_console.print(table)
+        table.add_row(esc(row["class"]), *(_cell(row.get(f"decision_{s}_{n}", float("nan")))
+                                           for s, n in DECISION_COLUMNS), end_section=(i == len(rows) - 2))
+    print_table(table)
 
 
 @method_options()
@@ -125,9 +125,9 @@ def evaluate(
                 raise BadInput(f"no released {method} weights for the protocol on {dataset}.",
                                hint="pass --checkpoint PATH or --train-on DATASET")
             spec = replace(base, train_on=chosen)
-            log(f"{dataset}: protocol -> weights trained on {chosen}")
+            log(f"{esc(dataset)}: protocol -> weights trained on {esc(chosen)}")
         if spec.train_on == dataset:
-            log(f"[yellow]note:[/] {dataset} is the training set of these weights: not a zero-shot result")
+            log(f"[yellow]note:[/] {esc(dataset)} is the training set of these weights: not a zero-shot result")
         if built is None or built_for != spec.train_on:
             built, built_for = build_method(spec), spec.train_on
             if card is not None:
@@ -140,9 +140,10 @@ def evaluate(
         results.append(result)
         configs[dataset] = built.description
         if not opts.json:
-            render_result(result, f"{method} on {dataset} (x100)")
+            render_result(result, f"{esc(method)} on {esc(dataset)} (x100)")
             if card is not None:
-                render_decisions(result, f"{method} on {dataset} at the thresholds of {calibration} (x100)")
+                render_decisions(result, f"{esc(method)} on {esc(dataset)} at the thresholds of {esc(str(calibration))} "
+                                         "(x100)")
     write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,
                                       "datasets": [r.to_json() for r in results]})
     write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
@@ -153,4 +154,4 @@ def evaluate(
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:
-        log(f"wrote {run}/metrics.json, per_class.csv, config.json")
+        log(f"wrote {esc(run)}/metrics.json, per_class.csv, config.json")

@@ -10,7 +10,7 @@ import typer
 from zsadcli.atomic import atomic_path, refuse_overwrite
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
-from zsadcli.console import emit_json, log
+from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
 
@@ -112,5 +112,5 @@ def predict(
             emit_json(record, compact=True)
         else:
             label = f"  {record['label']}" if "label" in record else ""
-            log(f"{prediction.path}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
-                + (f"  -> {record['heatmap']}" if "heatmap" in record else ""))
+            log(f"{esc(prediction.path)}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
+                + (f"  -> {esc(record['heatmap'])}" if "heatmap" in record else ""))

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from zsadcli.commands.common import JsonOpt, QuietOpt, SeedOpt, merge_options
+from zsadcli.commands.common import JsonOpt, QuietOpt, merge_options
 from zsadcli.console import emit_json, err_console
 from zsadcli.data.converters import CONVERTERS, Problem
 from zsadcli.data.prepare import FileProblems, PrepareOutcome, prepare_dataset, problem_list, summarize
@@ -100,7 +100,9 @@ def prepare(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the summary; write nothing.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out (and list) images and masks with "
                                                               "problems instead of failing.")] = False,
-    seed: SeedOpt = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed of the generated dataset (prepare synthetic only; default 0).", show_default=False)
+    ] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

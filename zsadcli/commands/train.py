@@ -8,7 +8,7 @@ import typer
 
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, SeedOpt, merge_options,
                                      method_options)
-from zsadcli.console import emit_json, log
+from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
 
@@ -75,7 +75,7 @@ def train(
               "items": len(items), "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "betas": list(recipe.betas), "seed": seed_value, "environment": environment()}
     write_json(run / "config.json", config)
-    log(f"training {method} on {on} ({len(items)} images) -> {run}")
+    log(f"training {esc(method)} on {esc(on)} ({len(items)} images) -> {esc(run)}")
     history = train_method(built.method, dataset, run, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
                            trained_on=on, backbone_name=spec.backbone_file or spec.backbone or cls.backbone_key)
     write_json(run / "history.json", history)
@@ -83,4 +83,4 @@ def train(
     if opts.json:
         emit_json(result)
     else:
-        log(f"done: {result['checkpoint']}")
+        log(f"done: {esc(result['checkpoint'])}")

@@ -13,7 +13,7 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from zsadcli.console import err_console, log
+from zsadcli.console import err_console, esc, log
 from zsadcli.core import hub
 from zsadcli.core.backbone import load_backbone
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
@@ -25,7 +25,7 @@ from zsadcli.errors import BadInput
 def progress_bar(**kwargs) -> Progress:
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console,
-                    transient=True, disable=err_console.quiet, **kwargs)
+                    transient=True, disable=err_console.quiet or not err_console.is_terminal, **kwargs)
 
 
 # ---------------------------------------------------------------------- building
@@ -176,7 +176,7 @@ def predict_paths(method: Method, paths: list[Path], batch_size: int = 1) -> Ite
 def run_batches(method: Method, loader: DataLoader, description: str) -> Iterator[tuple[dict, MethodOutput]]:
     device = next(method.parameters()).device
     with progress_bar() as bar:
-        task = bar.add_task(description, total=len(loader.dataset), info="")
+        task = bar.add_task(esc(description), total=len(loader.dataset), info="")  # class names: no markup
         for batch in loader:
             yield batch, method(batch["image"].to(device))
             bar.advance(task, len(batch["label"]))

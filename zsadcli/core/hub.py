@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,24 +217,21 @@ def _download_hf(entry: WeightEntry) -> Path:
 
 
 def _download_url(entry: WeightEntry) -> Path:
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from zsadcli.atomic import atomic_path
     from zsadcli.console import err_console
 
     target = _url_cache_path(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
+    with atomic_path(target) as tmp:  # the cache file gets the umask's mode, like any download
+        with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), console=err_console, transient=True) as bar:
-                task = bar.add_task(f"downloading {target.name}", total=total)
+                          TransferSpeedColumn(), console=err_console, transient=True,
+                          disable=err_console.quiet or not err_console.is_terminal) as bar:
+                task = bar.add_task(escape(f"downloading {target.name}"), total=total)
                 shutil.copyfileobj(_ProgressReader(resp, bar, task), out, 1 << 20)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -249,12 +245,26 @@ class _ProgressReader:
         return data
 
 
-def resolve(entry: WeightEntry, *, download: bool = True) -> Path:
+def resolve(entry: WeightEntry, *, download: bool = True, fallback: bool = True) -> Path:
     """Return a verified local path for ``entry``: cache hit (re-hashed) or fresh download.
 
-    Offline with a cache miss -> exit 3 naming the command that would fetch it;
+    Offline with a cache miss -> exit 3 naming the command that would fetch it (after trying the
+    entry's ``fallback`` key, if it names one: another file with the same tensors);
     digest mismatch -> exit 4 naming the file.
     """
+    try:
+        return _resolve_one(entry, download)
+    except WeightsUnavailable as missing:
+        alternative = entry.extra.get("fallback")
+        if not (fallback and alternative):
+            raise
+        try:
+            return resolve(get_entry(str(alternative)), download=download)
+        except WeightsUnavailable:
+            raise missing from None
+
+
+def _resolve_one(entry: WeightEntry, download: bool) -> Path:
     path = cached_path(entry)
     if path is not None:
         return _check(entry, path)

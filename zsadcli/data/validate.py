@@ -1,7 +1,8 @@
 """File checks on meta.json records: existence, empty files, readable images, mask sizes.
 
 Cheap enough for real datasets: an image is opened for its header only (PIL reads the size without
-decoding pixels); ``--check`` also decodes each mask, since a mask must be binarisable.
+decoding pixels); ``--check`` also decodes each mask, since a mask must be binarisable. Sizes are
+those zsad scores with (EXIF rotation applied), through the same opener as predict/eval/train.
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from zsadcli.data.converters.base import Problem
+from zsadcli.data.images import image_size, open_mask
 from zsadcli.data.meta import Meta, load_meta, resolve_item_path
+from zsadcli.errors import BadInput
 
 
 def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
@@ -25,12 +26,11 @@ def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None
     except FileNotFoundError:
         return None, "does not exist"
     try:
-        with Image.open(path) as img:
-            if decode:
-                img.convert("L")  # what binarising a mask needs: a full decode to one channel
-            return img.size, None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return None, f"cannot be read as an image ({exc})"
+        # the one opener of predict/eval/train: same size limit, EXIF rotation and mask binarising
+        return (open_mask(path).size if decode else image_size(path)), None
+    except BadInput as exc:
+        detail = exc.message.removeprefix(f"{'mask' if decode else 'image'} {path} ").rstrip(".")
+        return None, f"cannot be read as an image ({detail})"
 
 
 def validate_items(root: str | os.PathLike, meta: Meta, *, decode_masks: bool = False) -> list[Problem]:

@@ -379,8 +379,8 @@ class BSRCLIP(Method):
     @classmethod
     def read_authors_checkpoint(cls, checkpoint, *, allow_pickle: bool) -> Any:
         """The authors save ``{dataset}_prompt.pt`` (the prefix Parameter) and ``{dataset}_adaptor.pt``
-        (the whole Adaptor module, a pickle that needs code). Given either file, the other is
-        found beside it; loading the module pickle needs ``--allow-pickle``."""
+        (the whole Adaptor module, a pickle of Python objects). Given either file, the other is
+        found beside it; loading the module pickle needs ``--allow-pickle`` (allowlisted classes only)."""
         raw, path = checkpoint.raw, Path(checkpoint.path)
         if isinstance(raw, torch.Tensor) and path.name.endswith("_prompt.pt"):
             prompt_path, adaptor_path = path, path.with_name(path.name[:-len("_prompt.pt")] + "_adaptor.pt")
@@ -391,10 +391,10 @@ class BSRCLIP(Method):
         from zsadcli.core.checkpoints import load_checkpoint
 
         if not allow_pickle:
-            raise BadInput(f"{adaptor_path.name} (the authors' Adaptor) is a whole-object pickle that runs code "
-                           "when loaded; zsad loads it only with --allow-pickle.",
-                           hint="add --allow-pickle (UNSAFE: only for files you trust), or convert the pair "
-                                "into zsad's format with a trusted Python once")
+            raise BadInput(f"{adaptor_path.name} (the authors' Adaptor) is a whole-object pickle; zsad reads it "
+                           "only with --allow-pickle.",
+                           hint="add --allow-pickle: an allowlist unpickler restores the Adaptor's classes and "
+                                "tensors and refuses anything else in the file")
         for needed in (prompt_path, adaptor_path):
             if not needed.is_file():
                 raise BadInput(f"the authors' BSR-CLIP weights come as a pair; {needed} is missing.",

@@ -23,6 +23,7 @@ Trained with focal + dice per layer (Adam 1e-4, batch 8, 5 epochs, seed 42, in d
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -198,10 +199,22 @@ class ClipAD(Method):
     def sigma(self) -> float:
         return 8.0 if self.hparams["sigma"] is None else float(self.hparams["sigma"])
 
+    def surgery_bound(self) -> float:
+        """The largest surgery score one layer can reach with this class's text vectors T_n, T_a.
+
+        s_a = p_a cos_a - p_n cos_n = c (p_a - p_n) + d / 2 with c = f.(T_a + T_n)/2, d = f.(T_a - T_n)
+        for a unit token f, and p_a - p_n = tanh((cos_a - cos_n)(CLS) / 2). With D = |T_a - T_n|:
+        |d| <= D, |c| <= sqrt(1 - D^2/4), |p_a - p_n| <= tanh(D/2). The two prompts' vectors are
+        close (D ~ 0.1-0.4 for CLIP), so the bound is far below the naive 1 of |cos| <= 1."""
+        text = F.normalize(self.batch_text_features(1)[0].float(), dim=-1)
+        distance = float((text[1] - text[0]).norm())
+        return math.tanh(distance / 2) * math.sqrt(max(0.0, 1 - distance ** 2 / 4)) + distance / 2
+
     @property
     def map_range(self) -> tuple[float, float]:
-        n = float(len(self.layers))
-        return (-n, n)  # sum over layers of surgery scores in [-1, 1]
+        # The map sums signed per-layer surgery scores: below 0 the patch looks more normal than
+        # anomalous, so the fixed colour scale starts at 0 (blue) and ends at the reachable maximum.
+        return (0.0, len(self.layers) * self.surgery_bound())
 
     # ------------------------------------------------------------------ text
     def dbscan_parameters(self) -> tuple[float, int]:
@@ -327,7 +340,10 @@ class ClipADPlus(ClipAD):
 
     @property
     def map_range(self) -> tuple[float, float]:
-        return (0.0, float(len(self.layers)))  # the heads' per-layer probabilities, summed
+        # the heads' per-layer probabilities (0..1 each) plus SDP's surgery map (0..its bound)
+        heads = 0.0 if "no-heads" in self.ablate else float(len(self.layers))
+        sdp = 0.0 if "no-sdp-map" in self.ablate else len(self.layers) * self.surgery_bound()
+        return (0.0, heads + sdp)
 
     def head_probabilities(self, taps, text: torch.Tensor, grid: int, size: int) -> list[torch.Tensor]:
         """Per layer (B, 2, size, size): softmax(100 cos(head(tokens), T)) after upsampling."""
