@@ -90,6 +90,20 @@ def test_zero_shot_matches_the_official_computation(method, clip, paths, size, c
     assert method.map_range == (0.0, 4.0) and 0 <= float(out.anomaly_map.min()) <= float(out.anomaly_map.max()) <= 4
 
 
+def test_predict_contract_with_the_authors_heads(backbone_file, heads_file, clip, paths, tmp_path):
+    """The checked interface: --checkpoint in the authors' format, --class-name, --save-raw, --json."""
+    raw = tmp_path / "raw"
+    result = CliRunner().invoke(app, ["predict", str(paths[0]), "--method", "aprilgan", "--backbone-file",
+                                      str(backbone_file), "--checkpoint", str(heads_file), "--image-size", "112",
+                                      "--device", "cpu", "--save-raw", str(raw), "--json", "--class-name", "bottle"])
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    scores, maps = aprilgan_reference(clip, batch(paths[:1], 112), authors_heads()["trainable_linearlayer"], "bottle")
+    saved = np.load(raw / f"{paths[0].stem}.npy")
+    assert saved.dtype == np.float32 and saved.shape == (112, 112)
+    assert np.abs(saved - maps[0]).max() <= 1e-4 and abs(record["image_score"] - float(scores[0])) <= 1e-5
+
+
 def test_few_shot_memory_and_class_fused_score(backbone_file, heads_file, clip, paths, synthetic_root, tmp_path):
     refs = [synthetic_root / "disc/train/good/000.png", synthetic_root / "disc/train/good/001.png"]
     for path in refs:
