@@ -209,6 +209,8 @@ def test_mosaics_are_seeded_same_class_and_stitch_the_masks(synthetic_root):
     first, second = MosaicDataset(base, 1.0, seed=111), MosaicDataset(base, 1.0, seed=111)
     samples = [first[i] for i in range(len(items))]
     assert [s["path"] for s in samples] == [second[i]["path"] for i in range(len(items))]  # seeded
+    assert [first[i]["path"] for i in range(len(items))] == [s["path"] for s in samples]  # same epoch, same draws
+    first.set_epoch(2)
     assert [first[i]["path"] for i in range(len(items))] != [s["path"] for s in samples]  # new draws each epoch
     stitched_anomalies = 0
     for item, sample in zip(items, samples):

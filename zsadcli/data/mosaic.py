@@ -6,13 +6,15 @@ included, then a random image of that type), with their masks stitched the same 
 official loader the canvas is twice the first image's size, the item keeps its own label and
 ``cls_name``, and the mosaic then goes through the method's usual preprocessing.
 
-Draws are seeded: item ``i``'s ``n``-th visit uses ``random.Random(f"{seed}:{i}:{n}")``, so a
-run is reproducible whatever the batch order, and every epoch sees new mosaics.
+Draws are seeded: item ``i`` in epoch ``e`` uses ``random.Random(f"{seed}:{e}:{i}")`` (the training
+loop calls ``set_epoch``, as with torch's DistributedSampler), so a run is reproducible whatever
+the batch order, a resumed run draws what an uninterrupted one would, and every epoch sees new
+mosaics.
 """
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -42,7 +44,10 @@ class MosaicDataset(Dataset):
         for item in base.items:
             groups[item.cls_name][item.specie_name].append(item)
         self.species = {cls: {s: groups[cls][s] for s in sorted(groups[cls])} for cls in groups}
-        self._visits: Counter[int] = Counter()
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -59,9 +64,7 @@ class MosaicDataset(Dataset):
         return Image.new("L", image.size)
 
     def __getitem__(self, index: int) -> dict:
-        visit = self._visits[index]
-        self._visits[index] += 1
-        rng = random.Random(f"{self.seed}:{index}:{visit}")
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         if rng.random() >= self.rate:
             return self.base[index]
         item = self.base.items[index]
