@@ -102,7 +102,7 @@ AblateOpt = Annotated[Optional[list[str]], typer.Option(
 # Method-specific options: each maps onto a hyperparameter the method declares; a method
 # that does not declare it rejects it (exit 2), so nothing is silently ignored.
 ClassNameOpt = Annotated[Optional[str], typer.Option(
-    "--class-name", help="Object name for class-aware prompts (WinCLIP, CLIP-AD); default: the dataset's class, "
+    "--class-name", help="Object name for class-aware prompts (WinCLIP, CLIP-AD, April-GAN); default: the dataset's class, "
                          "'object' for predict.", show_default=False)]
 RepVecOpt = Annotated[Optional[str], typer.Option(
     "--rep-vec", help="CLIP-AD representative vectors: mean, pca, kde, dbscan or mean_shift.", show_default=False)]
@@ -116,7 +116,7 @@ NoBsrOpt = Annotated[bool, typer.Option("--no-bsr", help="BSR-CLIP: turn the who
 FixNormalPromptOpt = Annotated[bool, typer.Option(
     "--fix-normal-prompt", help="ViP²-CLIP: build the normal prompt with 'good' (the official one says 'damaged').")]
 ReferenceOpt = Annotated[Optional[str], typer.Option(
-    "--reference", help="WinCLIP few-shot: a folder of normal reference images.", show_default=False)]
+    "--reference", help="Few-shot (WinCLIP, April-GAN): a folder of normal reference images.", show_default=False)]
 AllowPickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Read authors' whole-object pickles (BSR-CLIP's Adaptor) through an allowlist: "
                            "torch tensors and the known classes only; any other object is refused unrun.")]

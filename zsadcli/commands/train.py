@@ -54,7 +54,7 @@ def train(
     if cls.recipe is None:
         raise BadInput(f"{method} is training-free; there is nothing to train.", hint="use `zsad eval` directly")
     recipe = cls.recipe
-    epochs = epochs or recipe.epochs
+    epochs = epochs or recipe.epochs_for(on)
     batch_size = batch_size or recipe.batch_size
     lr = lr or recipe.lr
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -71,9 +71,14 @@ def train(
     built = build_method(spec)
     built.method.set_training_dataset(on)
     dataset = MetaDataset(root, items, built.method.preprocess, built.method.input_size, built.method.mask_resample)
+    mosaic_rate = recipe.mosaic_rate_for(on)
+    if mosaic_rate > 0:
+        from zsadcli.data.mosaic import MosaicDataset
+
+        dataset = MosaicDataset(dataset, mosaic_rate, seed=seed_value)
     config = {"command": "train", "method": built.description, "trained_on": on, "data_root": str(root),
               "items": len(items), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "betas": list(recipe.betas), "seed": seed_value, "environment": environment()}
+              "betas": list(recipe.betas), "seed": seed_value, "mosaic_rate": mosaic_rate, "environment": environment()}
     write_json(run / "config.json", config)
     log(f"training {esc(method)} on {esc(on)} ({len(items)} images) -> {esc(run)}")
     history = train_method(built.method, dataset, run, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,

@@ -220,6 +220,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
     with progress_bar() as bar:
         for epoch in range(start + 1, epochs + 1):
             task = bar.add_task(f"epoch {epoch}/{epochs}", total=len(dataset), info="")
+            if hasattr(dataset, "set_epoch"):  # per-epoch seeded augmentation (e.g. mosaics)
+                dataset.set_epoch(epoch)
             totals: dict[str, float] = {}
             batches = 0
             for batch in loader:

@@ -171,5 +171,10 @@ def load_mask(path: str | os.PathLike | None, size: int, resample: str = "biline
     """
     if path is None or str(path) == "" or Path(path).is_dir():
         return torch.zeros(size, size, dtype=torch.bool)
-    mask = open_mask(path).resize((size, size), _RESAMPLE[resample])
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 > 0.5)
+    return mask_to_tensor(open_mask(path), size, resample)
+
+
+def mask_to_tensor(mask: Image.Image, size: int, resample: str = "bilinear") -> torch.Tensor:
+    """A decoded mask image at the model size: binarise, resize, ``> 0.5`` (as ``load_mask``)."""
+    resized = binarize_mask_image(mask).resize((size, size), _RESAMPLE[resample])
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0 > 0.5)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable
+from typing import Any, Callable, ClassVar, Hashable, Mapping
 
 import torch
 from PIL import Image
@@ -32,6 +32,15 @@ class TrainRecipe:
     betas: tuple[float, float]
     seed: int
     shuffle: bool = True  # False where the official loader iterates the training set in order
+    # Per training-set settings, keyed by the dataset name given to `zsad train --on`:
+    epochs_on: Mapping[str, int] = field(default_factory=dict)  # epochs where they differ from ``epochs``
+    mosaic_rate_on: Mapping[str, float] = field(default_factory=dict)  # 2x2 same-class mosaics (April-GAN)
+
+    def epochs_for(self, dataset: str) -> int:
+        return int(self.epochs_on.get(dataset, self.epochs))
+
+    def mosaic_rate_for(self, dataset: str) -> float:
+        return float(self.mosaic_rate_on.get(dataset, 0.0))
 
 
 class Method(nn.Module):
