@@ -1,6 +1,7 @@
 """`zsad eval`: per-class and mean metrics of a method on test datasets."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -60,6 +61,10 @@ def evaluate(
     clip_ad_transductive: Annotated[bool, typer.Option(
         "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
                                        "(the official, transductive protocol; reported as such).")] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also keep curves, scores and thumbnails in the run folder and write "
+                         "runs/eval/NAME/report.html (needs zsad[report]).")] = False,
+    report_k: Annotated[int, typer.Option("--report-k", help="Report galleries: this many images each.")] = 8,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -75,9 +80,12 @@ def evaluate(
     from zsadcli.core.evaluation import evaluate_dataset
     from zsadcli.core.methods import get_method
     from zsadcli.core.metrics import AUPRO_VARIANTS
+    from zsadcli.core.report import require_report_extra, write_eval_report
+    from zsadcli.core.report_data import ReportCollector
     from zsadcli.core.runs import environment, run_dir, write_csv, write_json
     from zsadcli.data.meta import load_meta
 
+    started = time.perf_counter()
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
     method, checkpoint, train_on, class_name = (method_options.method, method_options.checkpoint,
                                                 method_options.train_on, method_options.class_name)
@@ -85,6 +93,11 @@ def evaluate(
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
     if batch_size < 1:
         raise BadInput("--batch-size must be at least 1.")
+    if report_k < 0:
+        raise BadInput("--report-k must be at least 0.")
+    if report:
+        require_report_extra()
+    collector = ReportCollector(k=report_k) if report else None
     datasets = [d.strip() for d in test_on.split(",") if d.strip()]
     if not datasets:
         raise BadInput("--test-on names no dataset.")
@@ -109,7 +122,7 @@ def evaluate(
             built, built_for = build_method(spec), spec.train_on
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
                                   aupro_variant=aupro, classes=classes.split(",") if classes else None,
-                                  class_name=class_name)
+                                  class_name=class_name, report=collector)
         results.append(result)
         configs[dataset] = built.description
         if not opts.json:
@@ -120,6 +133,10 @@ def evaluate(
     write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
                                      "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
                                      "environment": environment()})
+    if collector is not None:
+        collector.write(run, wall_time_s=time.perf_counter() - started, models=configs)
+        write_eval_report([run], run / "report.html")
+        log(f"wrote {run}/report.html")
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:
