@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from test_anomalyclip import authors_checkpoint
 from zsadcli.cli import app
 
-TINY = ["--backbone", "tiny-clip", "--image-size", "112", "--device", "cpu"]
+TINY = ["--backbone", "tiny-clip", "--image-size", "56", "--device", "cpu"]
 IMAGE_KEYS = ("auroc", "ap", "f1_max")
 PIXEL_KEYS = ("auroc", "ap", "f1_max", "aupro")
 
@@ -70,7 +70,7 @@ class Page(HTMLParser):
 
     @property
     def text(self) -> str:
-        return " ".join(self.text_parts)
+        return re.sub(r"\s+", " ", " ".join(self.text_parts))
 
     def metric_tables(self) -> list[dict]:
         return [t for t in self.tables if "metrics" in t["attrs"].get("class", "")]
@@ -122,9 +122,9 @@ def checkpoint(tmp_path_factory, tiny_registry) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, runner, checkpoint, synthetic_root) -> Path:
-    """Two eval runs with --report: the default map and an unsmoothed one (other numbers)."""
+    """Two eval runs with --report: the default map, and an unsmoothed one of one class (other numbers)."""
     root = tmp_path_factory.mktemp("runs")
-    for name, extra in (("x", []), ("y", ["--hparam", "sigma=0", "--report-k", "3"])):
+    for name, extra in (("x", []), ("y", ["--hparam", "sigma=0", "--report-k", "3", "--classes", "disc"])):
         result = runner.invoke(app, ["eval", "--test-on", synthetic_root.name, "--data-root", str(synthetic_root.parent),
                                      "--checkpoint", str(checkpoint), *TINY, "--runs", str(root), "--name", name,
                                      "--report", *extra])
@@ -203,7 +203,7 @@ def test_report_data_curves_galleries_and_overlays(runs, synthetic_root):
             thumb = np.asarray(Image.open(run / entry["file"]).convert("RGB"))
             assert (thumb == 255).all(axis=-1).sum() > 0
         for entry in galleries["normal_high"]:
-            original = np.asarray(Image.open(synthetic_root / entry["path"]).convert("RGB").resize((112, 112)))
+            original = np.asarray(Image.open(synthetic_root / entry["path"]).convert("RGB").resize((56, 56)))
             assert not (original == 255).all(axis=-1).any()  # so white in a thumbnail could only be an outline
             thumb = np.asarray(Image.open(run / entry["file"]).convert("RGB"))
             assert not (thumb == 255).all(axis=-1).any()
@@ -249,6 +249,21 @@ def test_missing_or_foreign_run_dir_exits_2(runs, runner, tmp_path):
     assert not out.exists()
 
 
+def test_run_without_report_data_gets_its_tables_and_other_schemas_are_refused(runs, runner, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(runs / "eval" / "x", plain, ignore=shutil.ignore_patterns("report*", "thumbs"))
+    out = tmp_path / "plain.html"
+    result = runner.invoke(app, ["report", str(plain), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = Page(out.read_text())
+    assert len(page.metric_tables()) == 1 and page.images == [] and "without --report" in page.text
+    data = json.loads((runs / "eval" / "x" / "report_data.json").read_text())
+    (plain / "report_data.json").write_text(json.dumps({**data, "schema": "zsad-report-data/99"}))
+    result = runner.invoke(app, ["report", str(plain), "--out", str(tmp_path / "other.html")])
+    assert result.exit_code == 2 and "report_data.json" in result.output
+    assert not (tmp_path / "other.html").exists()
+
+
 def test_missing_extra_exits_2_with_the_pip_command(runs, runner, tmp_path, monkeypatch, checkpoint, synthetic_root):
     monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 -> ImportError
     result = runner.invoke(app, ["report", str(runs / "eval" / "x"), "--out", str(tmp_path / "r.html")])
@@ -270,7 +285,7 @@ def test_predict_gallery_sorted_by_score_with_decisions(runner, tmp_path, checkp
     page = Page(out.read_text())
     decoded = decode_all(page.images)
     assert len(decoded) == len(records) == 7
-    scores = [float(s) for s in __import__("re").findall(r"score\s+(\d\.\d{4})", page.text)]
+    scores = [float(s) for s in re.findall(r"score\s+(\d\.\d{4})", page.text)]
     assert scores == sorted((round(r["image_score"], 4) for r in records), reverse=True)
     for record in records:
         assert Path(record["path"]).name in page.text

@@ -176,7 +176,7 @@ def _header(run: EvalRun) -> dict[str, Any]:
         "name": run.name, "path": str(run.path), "method": run.method,
         "models": [{"dataset": d, **{k: m.get(k) for k in ("backbone", "checkpoint", "checkpoint_format", "device",
                                                            "dtype", "ablate", "class_name")},
-                    "hparams": json.dumps(m.get("hparams", {}), sort_keys=True, default=str),
+                    "hparams": ", ".join(f"{k}={v}" for k, v in sorted(m.get("hparams", {}).items())),
                     "digests": {k: v for k, v in m.items() if "sha256" in k}} for d, m in models.items()],
         "weights": data.get("weights", []),
         "protocol": {"test_on": ", ".join(config.get("test_on", [])), "aupro": config.get("aupro_variant"),
@@ -214,6 +214,17 @@ def _decision(result: Mapping[str, Any]) -> list[tuple[str, str]]:
             for k, v in decision.items() if not isinstance(v, (Mapping, list))]
 
 
+def _with_card_thresholds(record: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's image threshold for the histogram: as eval recorded it, else from the class's
+    decision block in metrics.json (eval --calibration)."""
+    thresholds = dict(record.get("thresholds", {}))
+    decision = result.get("decision")
+    if thresholds.get("image_card") is None and isinstance(decision, Mapping):
+        value = decision.get("image_threshold")
+        thresholds["image_card"] = float(value) if isinstance(value, (int, float)) else None
+    return {**record, "thresholds": thresholds}
+
+
 def _thumb(run: EvalRun, entry: Mapping[str, Any]) -> dict[str, Any]:
     file = run.path / entry["file"]
     src = data_uri("image/png", file.read_bytes()) if file.is_file() else None
@@ -230,6 +241,7 @@ def _dataset_section(run: EvalRun, dataset: Mapping[str, Any]) -> dict[str, Any]
         section: dict[str, Any] = {"cls": cls, "decision": _decision(result), "figure": None, "galleries": [],
                                    "thresholds": None}
         if record is not None:
+            record = _with_card_thresholds(record, result)
             section["figure"] = data_uri("image/svg+xml", class_figure(record, result["image"], result["pixel"], cls))
             section["galleries"] = [{"title": GALLERY_TITLES[g], "thumbs": [_thumb(run, e) for e in record["galleries"][g]]}
                                     for g in GALLERIES if record.get("galleries", {}).get(g)]

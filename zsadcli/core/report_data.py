@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -73,20 +75,24 @@ def curve_points(labels: np.ndarray, scores: np.ndarray, *, binned: bool = False
     Exact (every distinct score a threshold) unless ``binned``: then the thresholds are
     ``PIXEL_CURVE_BINS`` evenly spaced values over the score range, one pass and no sort, for
     the millions of pixels of a class."""
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1) if not binned else np.asarray(scores).reshape(-1)
-    n_pos = int(labels.sum())
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    n_pos = int(np.count_nonzero(labels))
     if n_pos == 0 or n_pos == labels.size:
         return None
     if binned:
+        # Chunks of the first axis (images) keep the temporaries small next to the maps themselves.
         lo, hi = float(scores.min()), float(scores.max())
         width = (hi - lo) / PIXEL_CURVE_BINS or 1.0
-        index = ((scores - lo) / width).astype(np.int64)
-        np.clip(index, 0, PIXEL_CURVE_BINS - 1, out=index)
-        total = np.bincount(index, minlength=PIXEL_CURVE_BINS)
-        pos = np.bincount(index[labels], minlength=PIXEL_CURVE_BINS)
+        total = np.zeros(PIXEL_CURVE_BINS, np.int64)
+        pos = np.zeros(PIXEL_CURVE_BINS, np.int64)
+        for start in range(0, scores.shape[0], 16):
+            index = ((scores[start:start + 16].reshape(-1) - lo) / width).astype(np.int32)
+            np.clip(index, 0, PIXEL_CURVE_BINS - 1, out=index)
+            total += np.bincount(index, minlength=PIXEL_CURVE_BINS)
+            pos += np.bincount(index[labels[start:start + 16].reshape(-1).astype(bool)], minlength=PIXEL_CURVE_BINS)
         neg, pos = (total - pos)[::-1], pos[::-1]
     else:
+        labels, scores = labels.reshape(-1).astype(bool), scores.reshape(-1).astype(np.float64)
         distinct, group = np.unique(-scores, return_inverse=True)  # descending scores
         pos = np.bincount(group.reshape(-1), weights=labels.astype(np.float64), minlength=len(distinct))
         neg = np.bincount(group.reshape(-1), minlength=len(distinct)) - pos
@@ -189,20 +195,23 @@ class ReportCollector:
                       "pixel_drawn": pixel_threshold if pixel_threshold is not None and
                       math.isfinite(pixel_threshold) else None,
                       "pixel_drawn_from": "card" if card_pixel is not None else "f1_max"}
-        galleries: dict[str, list[dict[str, Any]]] = {}
-        for gallery, indices in extreme_indices(labels, scores, self.k).items():
-            entries = []
-            for index in indices:
-                item = items[index]
-                name = f"{THUMBS_DIR}/{_slug(dataset)}__{_slug(cls)}__{index:05d}.png"
-                if name not in self._thumbs:
-                    image = open_image(resolve_item_path(root, item.img_path))
-                    overlay = decision_overlay(image, maps_np[index], masks_np[index] if has_masks else None,
-                                               thresholds["pixel_drawn"])
-                    self._thumbs[name] = png_bytes(overlay)
-                entries.append({"file": name, "path": item.img_path, "specie": item.specie_name,
-                                "label": int(labels[index]), "score": float(scores[index])})
-            galleries[gallery] = entries
+        extremes = extreme_indices(labels, scores, self.k)
+        names = {index: f"{THUMBS_DIR}/{_slug(dataset)}__{_slug(cls)}__{index:05d}.png"
+                 for indices in extremes.values() for index in indices}
+
+        def thumbnail(index: int) -> bytes:
+            image = open_image(resolve_item_path(root, items[index].img_path))
+            return png_bytes(decision_overlay(image, maps_np[index], masks_np[index] if has_masks else None,
+                                              thresholds["pixel_drawn"]))
+
+        # Decoding, resizing and PNG encoding release the GIL: threads overlap them.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for index, png in zip(names, pool.map(thumbnail, names)):
+                self._thumbs[names[index]] = png
+        galleries = {gallery: [{"file": names[index], "path": items[index].img_path,
+                                "specie": items[index].specie_name, "label": int(labels[index]),
+                                "score": float(scores[index])} for index in indices]
+                     for gallery, indices in extremes.items()}
         self.datasets.setdefault(dataset, {})[cls] = {
             "image_curve": curve_points(labels, scores),
             "pixel_curve": curve_points(masks_np, maps_np, binned=True) if has_masks else None,
@@ -217,6 +226,9 @@ class ReportCollector:
         for name, data in self._thumbs.items():
             with atomic_path(run / name) as tmp:
                 tmp.write_bytes(data)
+        for stale in (run / THUMBS_DIR).glob("*.png"):  # left by an earlier eval into this folder (--force)
+            if f"{THUMBS_DIR}/{stale.name}" not in self._thumbs:
+                stale.unlink()
         return write_json(run / DATA_FILE, {"schema": SCHEMA, "k": self.k, "wall_time_s": wall_time_s,
                                             "max_curve_points": MAX_CURVE_POINTS,
                                             "weights": weights_digests(models), "datasets": self.datasets})
