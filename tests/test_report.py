@@ -127,7 +127,7 @@ def runs(tmp_path_factory, runner, checkpoint, synthetic_root) -> Path:
     for name, extra in (("x", []), ("y", ["--hparam", "sigma=0", "--report-k", "3", "--classes", "disc"])):
         result = runner.invoke(app, ["eval", "--test-on", synthetic_root.name, "--data-root", str(synthetic_root.parent),
                                      "--checkpoint", str(checkpoint), *TINY, "--runs", str(root), "--name", name,
-                                     "--report", *extra])
+                                     "--batch-size", "13", "--report", *extra])
         assert result.exit_code == 0, result.output
     return root
 
@@ -278,8 +278,8 @@ def test_predict_gallery_sorted_by_score_with_decisions(runner, tmp_path, checkp
     images = synthetic_root / "disc" / "test"
     out = tmp_path / "gallery.html"
     result = runner.invoke(app, ["predict", str(images / "good"), str(images / "hole"), "--checkpoint",
-                                 str(checkpoint), *TINY, "--threshold", "0.5", "--report", "--report-out", str(out),
-                                 "--json"])
+                                 str(checkpoint), *TINY, "--threshold", "0.5", "--batch-size", "7", "--report",
+                                 "--report-out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     page = Page(out.read_text())

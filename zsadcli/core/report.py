@@ -275,7 +275,14 @@ def _comparison(runs: list[EvalRun]) -> dict[str, Any]:
             cells.append({"text": shown, "best": len(values) > 1 and best is not None and shown != "—"
                           and float(shown) == best})
         rows.append({"label": f"{run.method} · {run.name}", "cells": cells})
+    notes = []
+    for d in datasets:  # class means over different classes are not comparable: say so
+        counts = {run.name: len(by["per_class"]) for run in runs for by in run.metrics["datasets"] if by["dataset"] == d}
+        if len(set(counts.values())) > 1:
+            notes.append(f"{d}: the runs averaged different numbers of classes ("
+                         + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")")
     return {"datasets": [{"name": d, "span": len(IMAGE_METRICS) + len(PIXEL_METRICS)} for d in datasets],
+            "notes": notes,
             "metrics": [f"{'img' if level == 'image' else 'px'} {METRIC_LABELS[key]}" for _, level, key in columns],
             "rows": rows}
 
@@ -340,7 +347,8 @@ class PredictGallery:
         for rank, (record, png) in enumerate(ordered, 1):
             extra = [(key, short(record[key]) if isinstance(record[key], (int, float)) else str(record[key]))
                      for key in ("threshold", "margin") if key in record]
-            items.append({"rank": rank, "src": data_uri("image/png", png), "name": Path(record["path"]).name,
+            path = Path(record["path"])
+            items.append({"rank": rank, "src": data_uri("image/png", png), "name": f"{path.parent.name}/{path.name}",
                           "path": record["path"], "score": f"{record['image_score']:.4f}",
                           "label": record.get("label"), "extra": extra})
         labels = [r.get("label") for r, _ in self.entries if r.get("label")]
