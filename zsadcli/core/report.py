@@ -83,7 +83,8 @@ def load_run(path: str | Path) -> EvalRun:
                        hint="give folders written by `zsad eval` (runs/eval/NAME)")
     config = _read_json(config_file, run)
     metrics = _read_json(metrics_file, run)
-    if not isinstance(config, dict) or config.get("command") != "eval" or not isinstance(metrics.get("datasets"), list):
+    if (not isinstance(config, dict) or config.get("command") != "eval" or not isinstance(metrics, dict)
+            or not isinstance(metrics.get("datasets"), list)):
         raise BadInput(f"{run} is not an eval run folder (config.json names command "
                        f"{config.get('command') if isinstance(config, dict) else None!r}).",
                        hint="give folders written by `zsad eval` (runs/eval/NAME)")
