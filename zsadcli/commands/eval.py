@@ -1,6 +1,7 @@
 """`zsad eval`: per-class and mean metrics of a method on test datasets."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -81,6 +82,10 @@ def evaluate(
     calibration: Annotated[Optional[Path], typer.Option(
         "--calibration", help="A calibration card: adds accuracy/precision/recall/FPR at its image threshold and "
                               "pixel precision/recall/IoU at its pixel threshold.", show_default=False)] = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also keep curves, scores and thumbnails in the run folder and write "
+                         "runs/eval/NAME/report.html (needs zsad[report]).")] = False,
+    report_k: Annotated[int, typer.Option("--report-k", help="Report galleries: this many images each.")] = 8,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -97,9 +102,12 @@ def evaluate(
     from zsadcli.core.evaluation import evaluate_dataset
     from zsadcli.core.methods import get_method
     from zsadcli.core.metrics import AUPRO_VARIANTS
+    from zsadcli.core.report import require_report_extra, write_eval_report
+    from zsadcli.core.report_data import ReportCollector
     from zsadcli.core.runs import environment, run_dir, write_csv, write_json
     from zsadcli.data.meta import load_meta
 
+    started = time.perf_counter()
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
     method, checkpoint, train_on, class_name = (method_options.method, method_options.checkpoint,
                                                 method_options.train_on, method_options.class_name)
@@ -107,12 +115,17 @@ def evaluate(
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
     if batch_size < 1:
         raise BadInput("--batch-size must be at least 1.")
+    if report_k < 0:
+        raise BadInput("--report-k must be at least 0.")
+    if report:
+        require_report_extra()
+    card = load_card(calibration) if calibration else None
+    collector = ReportCollector(k=report_k, card=card) if report else None
     datasets = [d.strip() for d in test_on.split(",") if d.strip()]
     if not datasets:
         raise BadInput("--test-on names no dataset.")
     cls = get_method(method)
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
-    card = load_card(calibration) if calibration else None
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
                   f"{'_'.join(datasets)}", root=runs_root, force=force)
     base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
@@ -134,7 +147,8 @@ def evaluate(
                 check_card_fits(card, calibration, built.description)
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
                                   aupro_variant=aupro, classes=classes.split(",") if classes else None,
-                                  class_name=class_name, class_hook=decision_hook(card) if card else None)
+                                  class_name=class_name, class_hook=decision_hook(card) if card else None,
+                                  report=collector)
         if card is not None:
             result.mean["decision"] = decision_mean(result.per_class)
         results.append(result)
@@ -151,6 +165,10 @@ def evaluate(
                                      "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
                                      "calibration": str(calibration) if calibration else None,
                                      "environment": environment()})
+    if collector is not None:
+        collector.write(run, wall_time_s=time.perf_counter() - started, models=configs)
+        write_eval_report([run], run / "report.html")
+        log(f"wrote {esc(run)}/report.html")
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:

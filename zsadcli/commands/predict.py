@@ -42,6 +42,12 @@ def predict(
         "--normalize", help="Heatmap colour scale: fixed (the map's own probability scale) or image (min-max).")
     ] = "fixed",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also write an HTML gallery of every image, highest score first (needs zsad[report]).")
+    ] = False,
+    report_out: Annotated[Optional[Path], typer.Option(
+        "--report-out", help="The gallery's HTML file; implies --report (--out stays the single image's overlay "
+                             "PNG). Default: gallery.html.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -56,6 +62,7 @@ def predict(
     from zsadcli.core import decisions
     from zsadcli.core.engine import build_method, expand_inputs, predict_paths
     from zsadcli.core.heatmap import render_overlay
+    from zsadcli.core.report import PredictGallery, require_report_extra
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
     if normalize not in ("fixed", "image"):
@@ -80,12 +87,17 @@ def predict(
         for kind, target in files.items():
             if target is not None:
                 refuse_overwrite(target, force, "output file")
+    if report or report_out:
+        report_out = report_out or Path("gallery.html")
+        require_report_extra()
+        refuse_overwrite(report_out, force, "gallery")
 
     built = build_method(method_options.spec(opts))
     image_threshold, pixel_threshold = decisions.predict_thresholds(card, calibration, card_class, built.description,
                                                                     threshold)
     threshold = image_threshold
     value_range = built.method.map_range
+    gallery = PredictGallery(value_range, normalize) if report_out else None
     for prediction in predict_paths(built.method, paths, batch_size):
         files = targets[prediction.path]
         record = {"path": str(prediction.path), "image_score": prediction.image_score,
@@ -108,9 +120,14 @@ def predict(
                 with open(tmp, "wb") as fh:
                     np.save(fh, prediction.anomaly_map.astype(np.float32))
             record["raw"] = str(files["raw"])
+        if gallery is not None:
+            gallery.add(record, prediction.image, prediction.anomaly_map)
         if opts.json:
             emit_json(record, compact=True)
         else:
             label = f"  {record['label']}" if "label" in record else ""
             log(f"{esc(prediction.path)}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
                 + (f"  -> {esc(record['heatmap'])}" if "heatmap" in record else ""))
+    if gallery is not None:
+        gallery.write(report_out, f"zsad predict: {len(paths)} images", built.description)
+        log(f"wrote {esc(report_out)}")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from zsadcli.core import metrics
 from zsadcli.core.engine import run_batches
 from zsadcli.core.methods import Method
+from zsadcli.core.report_data import ReportCollector
 from zsadcli.data.dataset import MetaDataset
 from zsadcli.data.meta import Meta
 
@@ -79,9 +80,11 @@ def _decision_columns(decision: dict[str, Any] | None) -> dict[str, Any]:
 
 def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
                      aupro_variant: str = "exact", classes: list[str] | None = None,
-                     class_name: str | None = None, class_hook: ClassHook | None = None) -> DatasetResult:
+                     class_name: str | None = None, class_hook: ClassHook | None = None,
+                     report: ReportCollector | None = None) -> DatasetResult:
     """``class_name`` fixes the object name of class-aware prompts; by default each class's own.
-    ``class_hook(cls, ClassScores)`` sees each class's scores and maps; its dict joins the class's entry."""
+    ``class_hook(cls, ClassScores)`` sees each class's scores and maps; its dict joins the class's entry.
+    ``report`` collects, per class, what a report of this run needs (curves, scores, thumbnails)."""
     result = DatasetResult(name, aupro_variant)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
@@ -112,6 +115,9 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
         for warning in caught:
             if not issubclass(warning.category, metrics.UndefinedMetric):
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        if report is not None:
+            report.add_class(name, cls, root=root, items=items, labels=label_array, scores=all_scores.numpy(),
+                             maps=all_maps, masks=torch.cat(masks), image_metrics=image, pixel_metrics=pixel)
         result.per_class[cls] = {"n_images": len(label_array), "n_anomalous": int(label_array.sum()),
                                  "image": image, "pixel": pixel}
         if class_hook is not None:
