@@ -203,7 +203,7 @@ def test_train_on_a_pair_of_datasets(tmp_path):
     expected = sum(len(v) for d in ("aux1", "aux2") for v in load_meta(data_root / d)["test"].values())
     assert config["items"] == expected and config["trained_on"] == "aux1,aux2"
     loaded = load_checkpoint(runs / "train" / "a" / "epoch_1.safetensors")
-    assert loaded.method == "adaclip" and loaded.trained_on == "aux1,aux2"
+    assert loaded.method == "adaclip" and loaded.metadata["trained_on"] == "aux1,aux2"
     missing = CliRunner().invoke(app, ["train", "--method", "adaclip", "--on", "aux1,nope", "--data-root",
                                        str(data_root), "--runs", str(runs), "--backbone", "tiny-clip", "--image-size",
                                        "56", "--device", "cpu"])
