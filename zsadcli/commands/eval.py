@@ -139,7 +139,7 @@ def evaluate(
                                hint="pass --checkpoint PATH or --train-on DATASET")
             spec = replace(base, train_on=chosen)
             log(f"{esc(dataset)}: protocol -> weights trained on {esc(chosen)}")
-        if spec.train_on == dataset:
+        if dataset in (spec.train_on or "").split(","):  # also a training pair such as mvtec,colondb
             log(f"[yellow]note:[/] {esc(dataset)} is the training set of these weights: not a zero-shot result")
         if built is None or built_for != spec.train_on:
             built, built_for = build_method(spec), spec.train_on

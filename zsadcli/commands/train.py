@@ -16,8 +16,9 @@ from zsadcli.errors import BadInput
 def train(
     ctx: typer.Context,
     method_options: MethodOptions,
-    on: Annotated[str, typer.Option("--on", help="Auxiliary dataset name: reads DATA_ROOT/<name>/meta.json "
-                                                 "(its test split, with masks, as the papers do).")] = "mvtec",
+    on: Annotated[str, typer.Option("--on", help="Auxiliary dataset name(s): reads DATA_ROOT/<name>/meta.json "
+                                                 "(its test split, with masks, as the papers do); a comma list "
+                                                 "(e.g. mvtec,colondb) concatenates several.")] = "mvtec",
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
                          ] = Path("data"),
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/train/NAME/ (default: METHOD-ON).",
@@ -45,8 +46,7 @@ def train(
     from zsadcli.core.engine import build_method, train_method
     from zsadcli.core.methods import get_method
     from zsadcli.core.runs import environment, run_dir, write_json
-    from zsadcli.data.dataset import MetaDataset
-    from zsadcli.data.meta import load_meta
+    from zsadcli.data.dataset import auxiliary_items, concat_meta_datasets
 
     opts = merge_options(ctx, device=device, precision=precision, seed=seed, json=json, quiet=quiet)
     method = method_options.method
@@ -59,24 +59,23 @@ def train(
     lr = lr or recipe.lr
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise BadInput("--epochs and --batch-size must be at least 1 and --lr positive.")
-    root = data_root / on
-    meta = load_meta(root)
-    items = [item for items in meta["test"].values() for item in items]
-    if not items:
-        raise BadInput(f"{root}/meta.json has no test items to train on.")
+    sources = auxiliary_items(data_root, on)  # every named set's test split; fails before any work
+    items = [item for _, source_items in sources for item in source_items]
     run = run_dir("train", name or f"{method}-{on}", root=runs_root, force=force, resume=resume)
     seed_value = recipe.seed if opts.seed is None else opts.seed
     seed_everything(seed_value)  # before the method is built: prompt initialisation draws from it
     spec = method_options.spec(opts, require_weights=False)
     built = build_method(spec)
     built.method.set_training_dataset(on)
-    dataset = MetaDataset(root, items, built.method.preprocess, built.method.input_size, built.method.mask_resample)
-    mosaic_rate = recipe.mosaic_rate_for(on)
+    dataset = concat_meta_datasets(sources, built.method.preprocess, built.method.input_size,
+                                   built.method.mask_resample)
+    mosaic_rate = recipe.mosaic_rate_for(on)  # keyed by a single dataset name: one source, one MetaDataset
     if mosaic_rate > 0:
         from zsadcli.data.mosaic import MosaicDataset
 
         dataset = MosaicDataset(dataset, mosaic_rate, seed=seed_value)
-    config = {"command": "train", "method": built.description, "trained_on": on, "data_root": str(root),
+    config = {"command": "train", "method": built.description, "trained_on": on,
+              "data_root": ", ".join(str(root) for root, _ in sources),
               "items": len(items), "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "betas": list(recipe.betas), "seed": seed_value, "mosaic_rate": mosaic_rate, "environment": environment()}
     write_json(run / "config.json", config)

@@ -254,22 +254,35 @@ class ClipBackbone(nn.Module):
 
     def forward_image(self, images: torch.Tensor, taps: Iterable[int] = (), *,
                       dual: DualPath | None = None, pos_mode: str = "bilinear",
-                      stop_after: int | None = None, attn_probs: Iterable[int] = ()) -> ImageFeatures:
+                      stop_after: int | None = None, attn_probs: Iterable[int] = (),
+                      prompts: Sequence[torch.Tensor] = ()) -> ImageFeatures:
         """Run the image tower. ``taps`` are 1-based block indices whose output (raw residual
         stream, before ``ln_post``) is returned; with ``dual`` the alternate stream is tapped too.
         ``attn_probs``: blocks whose head-averaged softmax(QK^T) of the original stream is returned
-        (computed beside the block, which itself runs unchanged)."""
+        (computed beside the block, which itself runs unchanged).
+
+        ``prompts`` (deep visual prompts, AdaCLIP/VPT style): ``prompts[0]`` (B, n, C) is appended
+        after all tokens (after ``ln_pre``, no position embedding) before block 1, and
+        ``prompts[i]`` replaces those last n tokens before block i + 1; later blocks carry them
+        along. The n prompt tokens are stripped from every tap and from ``tokens``."""
         taps = set(taps)
         attn_probs = set(attn_probs)
         bad = [t for t in taps | attn_probs if not 1 <= t <= self.vision_layers]
         if bad:
             raise BadInput(f"layer(s) {sorted(bad)} do not exist: this backbone has {self.vision_layers} blocks.")
+        prompts = list(prompts)
+        if prompts and (dual is not None or attn_probs):
+            raise BadInput("visual prompts do not combine with a dual path or attention taps.")
+        n_prompt = prompts[0].shape[1] if prompts else 0
         x, grid = self.embed_image(images, pos_mode)
         x = self.visual.ln_pre(x)
         features = ImageFeatures(tokens=x, grid=grid)
         alt = None
         last = stop_after or self.vision_layers
         for index, block in enumerate(self.visual.transformer.resblocks[:last], start=1):
+            if index <= len(prompts):
+                kept = x if index == 1 else x[:, :x.shape[1] - n_prompt]
+                x = torch.cat([kept, prompts[index - 1].to(x.dtype)], dim=1)
             if index in attn_probs:
                 features.attn_probs[index] = self.attention_probs(block, x)
             if dual is not None and index >= dual.start:
@@ -277,10 +290,10 @@ class ClipBackbone(nn.Module):
             else:
                 x = block(x)
             if index in taps:
-                features.taps[index] = x
+                features.taps[index] = x[:, :x.shape[1] - n_prompt] if n_prompt else x
                 if alt is not None:
                     features.alt_taps[index] = alt
-        features.tokens = x
+        features.tokens = x[:, :x.shape[1] - n_prompt] if n_prompt else x
         return features
 
     @staticmethod
@@ -322,15 +335,19 @@ class ClipBackbone(nn.Module):
         """Text features from token embeddings (B, L, W).
 
         ``deep_prompts[i]`` (n, W) overwrites sequence positions 1..n before text block i + 2
-        (1-based), i.e. before blocks 2..len+1: the MaPLe/AnomalyCLIP insertion rule.
+        (1-based), i.e. before blocks 2..len+1: the MaPLe/AnomalyCLIP insertion rule. A
+        (B, n, W) prompt gives each sequence its own tokens (image-conditioned prompts).
+        Sequences may be cut after their last EOT (L < context length): with the causal mask the
+        pooled EOT features do not depend on the positions after it.
         """
-        x = embeddings.to(self.dtype) + self.clip.positional_embedding.to(self.dtype)
-        mask = self.clip.attn_mask.to(x.dtype)
+        length = embeddings.shape[1]
+        x = embeddings.to(self.dtype) + self.clip.positional_embedding[:length].to(self.dtype)
+        mask = self.clip.attn_mask[:length, :length].to(x.dtype)
         deep = list(deep_prompts or [])
         for index, block in enumerate(self.clip.transformer.resblocks):
             if 1 <= index <= len(deep):
                 prompt = deep[index - 1].to(x.dtype)
-                n = prompt.shape[0]
+                n = prompt.shape[-2]
                 x = torch.cat([x[:, :1], prompt.expand(x.shape[0], n, -1), x[:, 1 + n:]], dim=1)
             x = block(x, attn_mask=mask)
         x = self.clip.ln_final(x)

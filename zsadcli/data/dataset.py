@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,3 +38,39 @@ class MetaDataset(Dataset):
         mask_path = resolve_item_path(self.root, item.mask_path) if item.anomaly and item.mask_path else None
         return {"image": image, "mask": load_mask(mask_path, self.size, self.mask_resample),
                 "label": item.anomaly, "cls_name": item.cls_name, "path": str(path)}
+
+
+def dataset_names(spec: str) -> list[str]:
+    """``"mvtec,colondb"`` -> ``["mvtec", "colondb"]`` (a training pair, as AdaCLIP's recipe uses)."""
+    from zsadcli.errors import BadInput
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise BadInput(f"--on {spec!r} must name one or more distinct datasets, comma-separated.")
+    return names
+
+
+
+def auxiliary_items(data_root: str | os.PathLike, spec: str) -> list[tuple[Path, list[MetaItem]]]:
+    """(root, test items) of each dataset named in ``spec`` (DATA_ROOT/<name>/meta.json): the
+    official trainers learn on the auxiliary sets' test splits. Missing or empty sets fail here."""
+    from zsadcli.data.meta import load_meta
+    from zsadcli.errors import BadInput
+
+    sources = []
+    for name in dataset_names(spec):
+        root = Path(data_root) / name
+        items = [item for items in load_meta(root)["test"].values() for item in items]
+        if not items:
+            raise BadInput(f"{root}/meta.json has no test items to train on.")
+        sources.append((root, items))
+    return sources
+
+
+def concat_meta_datasets(sources: list[tuple[Path, list[MetaItem]]], preprocess: Callable[[Image.Image], torch.Tensor],
+                         size: int, mask_resample: str = "bilinear") -> Dataset:
+    """One MetaDataset per source, concatenated in order (torch's ConcatDataset, as the official code)."""
+    from torch.utils.data import ConcatDataset
+
+    parts = [MetaDataset(root, items, preprocess, size, mask_resample) for root, items in sources]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
