@@ -24,8 +24,27 @@ def guard(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except ZsadError as exc:
-            exc.show()
+            from zsadcli.core.distributed import is_writer
+
+            if is_writer():  # under torchrun every rank raises the same error; rank 0 says it once
+                exc.show()
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a resumable eval
+            from zsadcli.core.distributed import is_writer
+            from zsadcli.core.resumable import interrupted
+
+            stopped = interrupted()
+            if stopped is None:
+                raise
+            if is_writer():
+                stopped.show()
+            raise typer.Exit(stopped.exit_code) from None
+        finally:
+            import sys
+
+            resumable = sys.modules.get("zsadcli.core.resumable")  # loaded only by a command that opened a run
+            if resumable is not None:
+                resumable.release()
 
     return wrapper  # type: ignore[return-value]
 
@@ -38,6 +57,9 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (def
                                                 show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress bars on stderr.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Data-loading processes (per rank under torchrun); 0 decodes in the main process. "
+                      "Default: min(4, CPUs - 1). Results are the same for every value.", min=0, show_default=False)]
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,9 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
                      seed=seed if seed is not None else base.seed,
                      json=json or base.json,
                      quiet=quiet or base.quiet)
-    set_quiet(merged.quiet)
+    from zsadcli.core.distributed import is_writer
+
+    set_quiet(merged.quiet or not is_writer())  # under torchrun only rank 0 logs and shows progress
     if device:
         from zsadcli.core.devices import resolve_device
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
 
@@ -57,6 +57,9 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/eval/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on with an interrupted run (same --name and options): "
+                                                          "finished classes are not scored again.")] = False,
+    workers: WorkersOpt = None,
     clip_ad_transductive: Annotated[bool, typer.Option(
         "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
                                        "(the official, transductive protocol; reported as such).")] = False,
@@ -71,8 +74,10 @@ def evaluate(
     cannot have them (image-only or pixel-only sets). Without --checkpoint/--train-on the papers'
     protocol picks the released weights: VisA-trained for mvtec, MVTec-trained for the rest.
     """
+    from zsadcli.core.distributed import is_writer
     from zsadcli.core.engine import build_method
     from zsadcli.core.evaluation import evaluate_dataset
+    from zsadcli.core.resumable import ClassResults
     from zsadcli.core.methods import get_method
     from zsadcli.core.metrics import AUPRO_VARIANTS
     from zsadcli.core.runs import environment, run_dir, write_csv, write_json
@@ -91,8 +96,11 @@ def evaluate(
     cls = get_method(method)
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
-                  f"{'_'.join(datasets)}", root=runs_root, force=force)
+                  f"{'_'.join(datasets)}", root=runs_root, force=force, resume=resume)
     base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
+    store = ClassResults(run, {"test_on": datasets, "data_root": str(data_root), "aupro": aupro, "classes": classes,
+                               "batch_size": batch_size, "precision": opts.precision, "method": vars(method_options),
+                               "clip_ad_transductive": clip_ad_transductive}, resume=resume)
     results, configs, built, built_for = [], {}, None, None
     for dataset in datasets:
         spec = base
@@ -109,17 +117,20 @@ def evaluate(
             built, built_for = build_method(spec), spec.train_on
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
                                   aupro_variant=aupro, classes=classes.split(",") if classes else None,
-                                  class_name=class_name)
+                                  class_name=class_name, workers=workers, store=store)
         results.append(result)
         configs[dataset] = built.description
-        if not opts.json:
+        if not opts.json and is_writer():
             render_result(result, f"{method} on {dataset} (x100)")
-    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,
-                                      "datasets": [r.to_json() for r in results]})
+    if not is_writer():
+        return
     write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
     write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
                                      "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
                                      "environment": environment()})
+    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,  # last: the run is complete
+                                      "datasets": [r.to_json() for r in results]})
+    store.close()
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:

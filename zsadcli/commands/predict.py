@@ -8,8 +8,8 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
 
@@ -34,6 +34,7 @@ def predict(
     ] = "fixed",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
+    workers: WorkersOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -44,8 +45,8 @@ def predict(
     Examples: `zsad predict part.png --method anomalyclip --train-on mvtec --out heat.png`;
     `zsad predict 'shots/*.jpg' --checkpoint runs/train/x/epoch_15.safetensors --out-dir heat/ --json`.
     """
+    from zsadcli.core.distributed import in_input_order
     from zsadcli.core.engine import build_method, expand_inputs, predict_paths
-    from zsadcli.core.heatmap import render_overlay
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
     if normalize not in ("fixed", "image"):
@@ -71,7 +72,21 @@ def predict(
 
     built = build_method(method_options.spec(opts))
     value_range = built.method.map_range
-    for prediction in predict_paths(built.method, paths, batch_size):
+    for record in in_input_order(_write_outputs(predict_paths(built.method, paths, batch_size, workers), targets,
+                                                threshold, normalize, value_range)):
+        if opts.json:
+            emit_json(record, compact=True)
+        else:
+            label = f"  {record['label']}" if "label" in record else ""
+            log(f"{record['path']}: score {record['image_score']:.4f}  map max {record['map_max']:.4f}{label}"
+                + (f"  -> {record['heatmap']}" if "heatmap" in record else ""))
+
+
+def _write_outputs(predictions, targets, threshold, normalize, value_range):
+    """Each prediction's files, written by the process that made it; yields (input index, JSON record)."""
+    from zsadcli.core.heatmap import render_overlay
+
+    for prediction in predictions:
         files = targets[prediction.path]
         record = {"path": str(prediction.path), "image_score": prediction.image_score,
                   "map_max": float(prediction.anomaly_map.max())}
@@ -88,9 +103,4 @@ def predict(
                 with open(tmp, "wb") as fh:
                     np.save(fh, prediction.anomaly_map.astype(np.float32))
             record["raw"] = str(files["raw"])
-        if opts.json:
-            emit_json(record, compact=True)
-        else:
-            label = f"  {record['label']}" if "label" in record else ""
-            log(f"{prediction.path}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
-                + (f"  -> {record['heatmap']}" if "heatmap" in record else ""))
+        yield prediction.index, record
