@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -235,8 +236,12 @@ def data_parallel(method: torch.nn.Module) -> torch.nn.Module:
     frozen = [name for name, p in method.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in method.named_buffers() if name.startswith("backbone.")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, frozen)
+    # Some prompt parameters receive gradients through views (non-contiguous); DDP copies them into
+    # its buckets and warns once per rank about the copy. It is a speed hint, not an error.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device = next(method.parameters()).device
-    return DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def check_global_batch(batch_size: int, *, given: bool) -> None:
