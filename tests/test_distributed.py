@@ -111,8 +111,16 @@ def test_ddp_train_writes_from_rank_0_and_resumes(tmp_path, data, model_args):
     a, b = load_file(run / "epoch_2.safetensors"), load_file(tmp_path / "runs/train/straight/epoch_2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(json.loads((run / "history.json").read_text())) == 2
-    uneven = torchrun([*args[:-2], "--batch-size", "3", "--epochs", "1", "--name", "odd"], cwd=tmp_path)
-    assert uneven.returncode != 0 and uneven.stderr.count("cannot be split evenly over 2 processes") == 1
+
+
+def test_ddp_refuses_a_batch_the_ranks_cannot_share(tmp_path, data, model_args, monkeypatch):
+    # refused before any process group starts, so rank 0 of a pretended 2-process job shows it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = single(["train", *model_args, "--on", "synthetic", "--data-root", str(data), "--batch-size", "3",
+                     "--runs", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot be split evenly over 2 processes" in result.output
+    assert not any(tmp_path.iterdir())
 
 
 def test_workers_do_not_change_results(tmp_path, data, model_args, checkpoint, single_eval):  # noqa: F811

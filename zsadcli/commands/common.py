@@ -21,32 +21,35 @@ def guard(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from zsadcli.core.distributed import is_writer
+
         try:
             return command(*args, **kwargs)
         except ZsadError as exc:
-            from zsadcli.core.distributed import is_writer
-
             if is_writer():  # under torchrun every rank raises the same error; rank 0 says it once
                 exc.show()
+                if _resumable():
+                    _resumable().note_kept()
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a resumable eval
-            from zsadcli.core.distributed import is_writer
-            from zsadcli.core.resumable import interrupted
-
-            stopped = interrupted()
+            stopped = _resumable().interrupted() if _resumable() else None
             if stopped is None:
                 raise
             if is_writer():
                 stopped.show()
             raise typer.Exit(stopped.exit_code) from None
         finally:
-            import sys
-
-            resumable = sys.modules.get("zsadcli.core.resumable")  # loaded only by a command that opened a run
-            if resumable is not None:
-                resumable.release()
+            if _resumable():
+                _resumable().release()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _resumable():
+    """zsadcli.core.resumable if this command opened a resumable run (only then is it imported)."""
+    import sys
+
+    return sys.modules.get("zsadcli.core.resumable")
 
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", show_default=False)]

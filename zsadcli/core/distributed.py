@@ -17,11 +17,12 @@ import atexit
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from zsadcli.errors import ZsadError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `is_writer` must stay cheap (every command calls it)
+    import torch
 
 T = TypeVar("T")
 
@@ -70,6 +71,8 @@ def _ensure_group() -> bool:
     if not _group_started():
         import torch.distributed as dist
 
+        import torch
+
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_shutdown)
@@ -85,6 +88,8 @@ def _shutdown() -> None:
 
 def local_device(device: torch.device) -> torch.device:
     """One process per device: under torchrun a CUDA run uses cuda:LOCAL_RANK whatever index was asked."""
+    import torch
+
     here = world()
     if not here.sharded or device.type != "cuda":
         return device
@@ -182,6 +187,7 @@ def gather_tensors(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | 
     the other ranks. Host tensors over gloo, one collective per key: gather one class at a time."""
     if not _ensure_group():
         return local
+    import torch
     import torch.distributed as dist
 
     here = world()

@@ -19,7 +19,7 @@ from zsadcli.core.backbone import load_backbone
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
-from zsadcli.errors import BadInput
+from zsadcli.errors import BadInput, ZsadError
 
 
 def progress_bar(**kwargs) -> Progress:
@@ -175,12 +175,56 @@ def _collate_images(items):
     return [i for i, _, _ in items], [img for _, img, _ in items], torch.stack([t for _, _, t in items])
 
 
-def make_loader(dataset, *, batch_size: int, workers: int | None, device: torch.device, **kwargs) -> DataLoader:
+class _Failure:
+    """A ZsadError met while loading (in a worker process or not), carried to the main loop: a
+    DataLoader re-raises a worker's exception with its traceback as the message."""
+
+    def __init__(self, error: ZsadError) -> None:
+        self.kind, self.message, self.hint = type(error), error.message, error.hint
+
+
+class _Guarded(torch.utils.data.Dataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except ZsadError as error:
+            return _Failure(error)
+
+
+class _Collate:
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items):
+        failure = next((item for item in items if isinstance(item, _Failure)), None)
+        return failure if failure is not None else self.collate(items)
+
+
+class _Loader(DataLoader):
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                raise batch.kind(batch.message, hint=batch.hint)
+            yield batch
+
+
+def make_loader(dataset, *, batch_size: int, workers: int | None, device: torch.device, collate_fn=None,
+                **kwargs) -> DataLoader:
     """Batches in dataset order; ``workers`` processes decode ahead of the forward pass (0: in this
-    process; None: the default), into pinned memory on CUDA. Results never depend on ``workers``."""
+    process; None: the default), into pinned memory on CUDA. Results never depend on ``workers``;
+    a bad file ends the run with its own message (exit 2) whichever process read it."""
+    from torch.utils.data import default_collate
+
     workers = distributed.default_workers() if workers is None else workers
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                      **kwargs)
+    loader = _Loader(_Guarded(dataset), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                     collate_fn=_Collate(collate_fn or default_collate), **kwargs)
+    return loader
 
 
 @torch.no_grad()

@@ -142,6 +142,16 @@ def release() -> None:
     _open_run.pop("run", None)
 
 
+def note_kept() -> None:
+    """After an error: say that the finished classes are kept, and how to go on once it is fixed."""
+    run = _open_run.get("run")
+    if run is not None and any((run / PARTIAL).glob("*/*.json")):
+        from zsadcli.console import err_console
+
+        err_console.print(f"the finished classes are kept in {run / PARTIAL}; once fixed, resume with: "
+                          f"{resume_command(run)}", highlight=False, markup=False, soft_wrap=True)
+
+
 def interrupted() -> Interrupted | None:
     """The error to end an interrupted command with, if a resumable run is open (else None)."""
     run = _open_run.get("run")
