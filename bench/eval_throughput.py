@@ -11,7 +11,7 @@ weight loading are not eval throughput) and ends when rank 0 has the metrics.
     python bench/eval_throughput.py --arch tiny --images 16       # a quick smoke run
 
 Each configuration runs in a fresh process (``torchrun --standalone`` when procs > 1) with
-``OMP_NUM_THREADS`` = CPU cores / procs, so 1 and N processes use the same cores.
+``OMP_NUM_THREADS`` = CPU cores / procs (or ``--threads``), so 1 and N processes use the same cores.
 """
 from __future__ import annotations
 
@@ -57,14 +57,15 @@ def prepare(arch: str, size: int | None, images: int, workdir: Path) -> dict:
                                        {"image_size": size})
     checkpoint = save_checkpoint(workdir / "prompts.safetensors", method.checkpoint_state(), method="anomalyclip",
                                  backbone="random", trained_on="none", hparams=method.hparams)
-    # two classes; per class: goods + 3 defect kinds
-    per_defect = max(1, images // 8)
-    good = max(1, images // 2 - 3 * per_defect)
+    # two classes (one below 8 images); per class: goods + 3 defect kinds
+    classes = ("disc", "checker") if images >= 8 else ("disc",)
+    per_defect = max(1, images // (4 * len(classes)))
+    good = max(1, images // len(classes) - 3 * per_defect)
     write_meta(workdir / "data" / "synthetic", generate_synthetic(
-        workdir / "data" / "synthetic", seed=0, size=min(size, 256), classes=("disc", "checker"), n_train=0,
+        workdir / "data" / "synthetic", seed=0, size=min(size, 256), classes=classes, n_train=0,
         n_test_good=good, n_per_defect=per_defect))
     return {"backbone": str(backbone_file), "checkpoint": str(checkpoint), "size": size,
-            "data": str(workdir / "data"), "images": 2 * (good + 3 * per_defect)}
+            "data": str(workdir / "data"), "images": len(classes) * (good + 3 * per_defect)}
 
 
 def job(args: argparse.Namespace) -> None:
@@ -96,7 +97,8 @@ def job(args: argparse.Namespace) -> None:
 
 def run(config: dict, args: argparse.Namespace, procs: int, workers: int) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, cores // procs))}
+    threads = args.threads or max(1, cores // procs)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     job_args = [str(Path(__file__).resolve()), "--job", "--backbone", config["backbone"], "--checkpoint",
                 config["checkpoint"], "--size", str(config["size"]), "--data", config["data"], "--device",
                 args.device, "--batch-size", str(args.batch_size), "--job-workers", str(workers)]
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", default="0,2", help="data-loading workers to compare (per process)")
     parser.add_argument("--procs", default="1,2", help="process counts to compare (torchrun when > 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (default: CPU cores / procs)")
     parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job-workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
@@ -130,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zsad-bench-") as tmp:
         config = prepare(args.arch, args.size, args.images, Path(tmp))
         print(f"eval throughput: anomalyclip, random {args.arch} at {config['size']} px, {config['images']} images, "
-              f"batch {args.batch_size}, {args.device}")
+              f"batch {args.batch_size}, {args.device}, threads/process {args.threads or 'cores / procs'}")
         print(f"{'procs':>5} {'workers':>7} {'images/s':>9} {'seconds':>8}")
         for procs in (int(p) for p in args.procs.split(",")):
             for workers in (int(w) for w in args.workers.split(",")):

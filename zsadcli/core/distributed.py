@@ -17,6 +17,7 @@ import atexit
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from zsadcli.errors import ZsadError
@@ -74,7 +75,10 @@ def _ensure_group() -> bool:
         import torch
 
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        # Rank 0 computes a class's metrics while the others wait at the next gather: on a large class
+        # that takes minutes, beyond NCCL's 10-minute default. A rank that dies ends the job anyway
+        # (torchrun stops the others), so a long wait never hangs it.
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
         atexit.register(_shutdown)
     return True
 
