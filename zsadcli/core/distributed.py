@@ -140,14 +140,13 @@ def agree(work: Callable[[], T]) -> T:
         value = work()
     except ZsadError as exc:
         failure = exc
-    reports = _all_gather_object(None if failure is None else (type(failure).__name__, failure.exit_code,
-                                                               failure.message, failure.hint))
+    reports = _all_gather_object(None if failure is None else (failure.exit_code, failure.message, failure.hint))
     first = next((r for r in reports if r is not None), None)
     if first is not None:
         if failure is not None and reports.index(first) == world().rank:
             raise failure
-        error = ZsadError(first[2], hint=first[3])
-        error.exit_code = first[1]
+        error = ZsadError(first[1], hint=first[2])
+        error.exit_code = first[0]
         raise error
     return value
 
