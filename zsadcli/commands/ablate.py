@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
@@ -29,6 +29,7 @@ def ablate(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/ablate/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
+    workers: WorkersOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -40,6 +41,7 @@ def ablate(
     Example: `zsad ablate --method anomalyclip --train-on mvtec --test-on visa --data-root data`.
     """
     from zsadcli.core.ablation import run_ablation
+    from zsadcli.core.distributed import is_writer
     from zsadcli.core.metrics import AUPRO_VARIANTS
     from zsadcli.core.methods import get_method
     from zsadcli.core.runs import environment, run_dir, write_csv, write_json
@@ -73,7 +75,9 @@ def ablate(
     if cls.recipe is not None and not (checkpoint or train_on):
         raise BadInput(f"{method} needs weights for an ablation: pass --checkpoint PATH or --train-on DATASET.")
     rows = run_ablation(spec, chosen, datasets, batch_size=batch_size, aupro_variant=aupro,
-                        class_name=method_options.class_name)
+                        class_name=method_options.class_name, workers=workers)
+    if not is_writer():
+        return
     write_json(run / "ablation.json", {"method": method, "aupro_variant": aupro, "rows": [r.to_json() for r in rows],
                                        "environment": environment()})
     write_csv(run / "ablation.csv", [{"variant": r.variant, "dataset": r.dataset, **r.means,

@@ -21,13 +21,35 @@ def guard(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from zsadcli.core.distributed import is_writer
+
         try:
             return command(*args, **kwargs)
         except ZsadError as exc:
-            exc.show()
+            if is_writer():  # under torchrun every rank raises the same error; rank 0 says it once
+                exc.show()
+                if _resumable():
+                    _resumable().note_kept()
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a resumable eval
+            stopped = _resumable().interrupted() if _resumable() else None
+            if stopped is None:
+                raise
+            if is_writer():
+                stopped.show()
+            raise typer.Exit(stopped.exit_code) from None
+        finally:
+            if _resumable():
+                _resumable().release()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _resumable():
+    """zsadcli.core.resumable if this command opened a resumable run (only then is it imported)."""
+    import sys
+
+    return sys.modules.get("zsadcli.core.resumable")
 
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", show_default=False)]
@@ -43,6 +65,9 @@ MaxImagePixelsOpt = Annotated[Optional[int], typer.Option(
                                       "$ZSAD_MAX_IMAGE_PIXELS (a guard against decompression bombs). Give it "
                                       "before the command: zsad --max-image-pixels N predict ...",
     show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Data-loading processes (per rank under torchrun); 0 decodes in the main process. "
+                      "Default: min(4, CPUs - 1). Results are the same for every value.", min=0, show_default=False)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +92,9 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
                      json=json or base.json,
                      quiet=quiet or base.quiet,
                      max_image_pixels=max_image_pixels if max_image_pixels is not None else base.max_image_pixels)
-    set_quiet(merged.quiet)
+    from zsadcli.core.distributed import is_writer
+
+    set_quiet(merged.quiet or not is_writer())  # under torchrun only rank 0 logs and shows progress
     from zsadcli.data.images import set_max_image_pixels
 
     set_max_image_pixels(merged.max_image_pixels)

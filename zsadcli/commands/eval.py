@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
@@ -76,6 +76,9 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/eval/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on with an interrupted run (same --name and options): "
+                                                          "finished classes are not scored again.")] = False,
+    workers: WorkersOpt = None,
     clip_ad_transductive: Annotated[bool, typer.Option(
         "--clip-ad-transductive", help="CLIP-AD: fuse image scores with per-class min-max over the test set "
                                        "(the official, transductive protocol; reported as such).")] = False,
@@ -98,8 +101,10 @@ def evaluate(
     protocol picks the released weights: VisA-trained for mvtec, MVTec-trained for the rest.
     """
     from zsadcli.core.calibration import check_card_fits, decision_hook, decision_mean, load_card
+    from zsadcli.core.distributed import is_writer
     from zsadcli.core.engine import build_method
     from zsadcli.core.evaluation import evaluate_dataset
+    from zsadcli.core.resumable import ClassResults
     from zsadcli.core.methods import get_method
     from zsadcli.core.metrics import AUPRO_VARIANTS
     from zsadcli.core.report import require_report_extra, write_eval_report
@@ -119,6 +124,11 @@ def evaluate(
         raise BadInput("--report-k must be at least 0.")
     if report:
         require_report_extra()
+    if report and resume:  # finished classes come back as numbers only: no curves or thumbnails to report
+        raise BadInput("--report cannot be combined with --resume: the classes finished before the interruption "
+                       "kept their metrics but not the curves and thumbnails a report shows.",
+                       hint="resume without --report; `zsad report RUN_DIR` then writes the tables, or rerun with "
+                            "--report --force for the full page")
     card = load_card(calibration) if calibration else None
     collector = ReportCollector(k=report_k, card=card) if report else None
     datasets = [d.strip() for d in test_on.split(",") if d.strip()]
@@ -127,8 +137,11 @@ def evaluate(
     cls = get_method(method)
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
     run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
-                  f"{'_'.join(datasets)}", root=runs_root, force=force)
+                  f"{'_'.join(datasets)}", root=runs_root, force=force, resume=resume)
     base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
+    store = ClassResults(run, {"test_on": datasets, "data_root": str(data_root), "aupro": aupro, "classes": classes,
+                               "batch_size": batch_size, "precision": opts.precision, "method": vars(method_options),
+                               "clip_ad_transductive": clip_ad_transductive, "calibration": card}, resume=resume)
     results, configs, built, built_for = [], {}, None, None
     for dataset in datasets:
         spec = base
@@ -148,23 +161,26 @@ def evaluate(
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
                                   aupro_variant=aupro, classes=classes.split(",") if classes else None,
                                   class_name=class_name, class_hook=decision_hook(card) if card else None,
-                                  report=collector)
+                                  report=collector, workers=workers, store=store)
         if card is not None:
             result.mean["decision"] = decision_mean(result.per_class)
         results.append(result)
         configs[dataset] = built.description
-        if not opts.json:
+        if not opts.json and is_writer():
             render_result(result, f"{esc(method)} on {esc(dataset)} (x100)")
             if card is not None:
                 render_decisions(result, f"{esc(method)} on {esc(dataset)} at the thresholds of {esc(str(calibration))} "
                                          "(x100)")
-    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,
-                                      "datasets": [r.to_json() for r in results]})
+    if not is_writer():
+        return
     write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
     write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
                                      "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
                                      "calibration": str(calibration) if calibration else None,
                                      "environment": environment()})
+    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,  # last: the run is complete
+                                      "datasets": [r.to_json() for r in results]})
+    store.close()
     if collector is not None:
         collector.write(run, wall_time_s=time.perf_counter() - started, models=configs)
         write_eval_report([run], run / "report.html")

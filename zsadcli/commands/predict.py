@@ -8,8 +8,8 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
@@ -49,6 +49,7 @@ def predict(
         "--report-out", help="The gallery's HTML file; implies --report (--out stays the single image's overlay "
                              "PNG). Default: gallery.html.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
+    workers: WorkersOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     json: JsonOpt = False,
@@ -60,8 +61,8 @@ def predict(
     `zsad predict 'shots/*.jpg' --checkpoint runs/train/x/epoch_15.safetensors --out-dir heat/ --json`.
     """
     from zsadcli.core import decisions
+    from zsadcli.core.distributed import in_input_order
     from zsadcli.core.engine import build_method, expand_inputs, predict_paths
-    from zsadcli.core.heatmap import render_overlay
     from zsadcli.core.report import PredictGallery, require_report_extra
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
@@ -98,7 +99,29 @@ def predict(
     threshold = image_threshold
     value_range = built.method.map_range
     gallery = PredictGallery(value_range, normalize) if report_out else None
-    for prediction in predict_paths(built.method, paths, batch_size):
+    made = _write_outputs(predict_paths(built.method, paths, batch_size, workers), targets, threshold,
+                          pixel_threshold, normalize, value_range, gallery)
+    for record, thumbnail in in_input_order(made):
+        if gallery is not None:
+            gallery.add_thumbnail(record, thumbnail)
+        if opts.json:
+            emit_json(record, compact=True)
+        else:
+            label = f"  {record['label']}" if "label" in record else ""
+            log(f"{esc(record['path'])}: score {record['image_score']:.4f}  map max {record['map_max']:.4f}{label}"
+                + (f"  -> {esc(record['heatmap'])}" if "heatmap" in record else ""))
+    if gallery is not None:
+        gallery.write(report_out, f"zsad predict: {len(paths)} images", built.description)
+        log(f"wrote {esc(report_out)}")
+
+
+def _write_outputs(predictions, targets, threshold, pixel_threshold, normalize, value_range, gallery):
+    """Each prediction's files, written by the process that made it (under torchrun: its rank);
+    yields (input index, (JSON record, gallery thumbnail PNG or None))."""
+    from zsadcli.core import decisions
+    from zsadcli.core.heatmap import render_overlay
+
+    for prediction in predictions:
         files = targets[prediction.path]
         record = {"path": str(prediction.path), "image_score": prediction.image_score,
                   "map_max": float(prediction.anomaly_map.max())}
@@ -120,14 +143,5 @@ def predict(
                 with open(tmp, "wb") as fh:
                     np.save(fh, prediction.anomaly_map.astype(np.float32))
             record["raw"] = str(files["raw"])
-        if gallery is not None:
-            gallery.add(record, prediction.image, prediction.anomaly_map)
-        if opts.json:
-            emit_json(record, compact=True)
-        else:
-            label = f"  {record['label']}" if "label" in record else ""
-            log(f"{esc(prediction.path)}: score {prediction.image_score:.4f}  map max {record['map_max']:.4f}{label}"
-                + (f"  -> {esc(record['heatmap'])}" if "heatmap" in record else ""))
-    if gallery is not None:
-        gallery.write(report_out, f"zsad predict: {len(paths)} images", built.description)
-        log(f"wrote {esc(report_out)}")
+        thumbnail = gallery.thumbnail(prediction.image, prediction.anomaly_map) if gallery is not None else None
+        yield prediction.index, (record, thumbnail)

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, SeedOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, SeedOpt, WorkersOpt,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
@@ -31,6 +31,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run after its last epoch.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
+    workers: WorkersOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
@@ -43,6 +44,7 @@ def train(
     Evaluate a result with `zsad eval --checkpoint runs/train/NAME/epoch_N.safetensors ...`.
     """
     from zsadcli.core.devices import seed_everything
+    from zsadcli.core.distributed import check_global_batch, is_writer
     from zsadcli.core.engine import build_method, train_method
     from zsadcli.core.methods import get_method
     from zsadcli.core.runs import environment, run_dir, write_json
@@ -54,11 +56,13 @@ def train(
     if cls.recipe is None:
         raise BadInput(f"{method} is training-free; there is nothing to train.", hint="use `zsad eval` directly")
     recipe = cls.recipe
+    given_batch = batch_size is not None
     epochs = epochs or recipe.epochs_for(on)
     batch_size = batch_size or recipe.batch_size
     lr = lr or recipe.lr
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise BadInput("--epochs and --batch-size must be at least 1 and --lr positive.")
+    check_global_batch(batch_size, given=given_batch)
     sources = auxiliary_items(data_root, on)  # every named set's test split; fails before any work
     items = [item for _, source_items in sources for item in source_items]
     run = run_dir("train", name or f"{method}-{on}", root=runs_root, force=force, resume=resume)
@@ -78,10 +82,14 @@ def train(
               "data_root": ", ".join(str(root) for root, _ in sources),
               "items": len(items), "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "betas": list(recipe.betas), "seed": seed_value, "mosaic_rate": mosaic_rate, "environment": environment()}
-    write_json(run / "config.json", config)
+    if is_writer():
+        write_json(run / "config.json", config)
     log(f"training {esc(method)} on {esc(on)} ({len(items)} images) -> {esc(run)}")
     history = train_method(built.method, dataset, run, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
-                           trained_on=on, backbone_name=spec.backbone_file or spec.backbone or cls.backbone_key)
+                           trained_on=on, backbone_name=spec.backbone_file or spec.backbone or cls.backbone_key,
+                           seed=seed_value, workers=workers)
+    if not is_writer():
+        return
     write_json(run / "history.json", history)
     result = {"run": str(run), "checkpoint": str(run / f"epoch_{epochs}.safetensors"), "history": history}
     if opts.json:

@@ -32,7 +32,8 @@ def _means(result: DatasetResult) -> dict[str, float]:
 
 
 def run_ablation(spec: MethodSpec, switches: list[str], datasets: dict[str, tuple[str, Meta]], *,
-                 batch_size: int, aupro_variant: str, class_name: str | None = None) -> list[AblationRow]:
+                 batch_size: int, aupro_variant: str, class_name: str | None = None,
+                 workers: int | None = 0) -> list[AblationRow]:
     """``datasets``: name -> (root, meta). Rows: the full method, then one row per switch."""
     from zsadcli.core.methods import get_method
 
@@ -48,7 +49,7 @@ def run_ablation(spec: MethodSpec, switches: list[str], datasets: dict[str, tupl
         method = build_method(replace(spec, ablate=frozenset(ablate))).method
         for name, (root, meta) in datasets.items():
             means = _means(evaluate_dataset(method, name, root, meta, batch_size=batch_size,
-                                            aupro_variant=aupro_variant, class_name=class_name))
+                                            aupro_variant=aupro_variant, class_name=class_name, workers=workers))
             if variant == FULL:
                 full[name] = means
             deltas = {k: (v - full[name][k]) if not (math.isnan(v) or math.isnan(full[name][k])) else math.nan

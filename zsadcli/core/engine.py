@@ -14,12 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from zsadcli.console import err_console, esc, log
-from zsadcli.core import hub
+from zsadcli.core import distributed, hub
 from zsadcli.core.backbone import load_backbone
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
-from zsadcli.errors import BadInput
+from zsadcli.errors import BadInput, ZsadError
 
 
 def progress_bar(**kwargs) -> Progress:
@@ -106,7 +106,8 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     if spec.image_size:
         hparams["image_size"] = spec.image_size
     source = spec.backbone_file or spec.backbone or cls.backbone_key
-    backbone = _shared_backbone(source, cls.quick_gelu, spec.device, spec.dtype)
+    device = distributed.local_device(spec.device)  # cuda:LOCAL_RANK under torchrun
+    backbone = _shared_backbone(source, cls.quick_gelu, device, spec.dtype)
     method = cls(backbone, hparams, spec.ablate)
     if checkpoint is not None and checkpoint.kind == "zsad":
         method.load_checkpoint_state(checkpoint.tensors)
@@ -114,10 +115,10 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
         method.import_authors_checkpoint(checkpoint.raw)
     if spec.class_name:
         method.set_class_name(spec.class_name)
-    method.to(device=spec.device, dtype=spec.dtype).eval()
+    method.to(device=device, dtype=spec.dtype).eval()
     description = {"method": cls.name, "backbone": backbone.source, "checkpoint": str(checkpoint.path) if checkpoint else None,
                    "checkpoint_format": checkpoint.kind if checkpoint else None, "hparams": method.hparams,
-                   "ablate": sorted(spec.ablate), "class_name": spec.class_name, "device": str(spec.device),
+                   "ablate": sorted(spec.ablate), "class_name": spec.class_name, "device": str(device),
                    "dtype": str(spec.dtype).replace("torch.", "")}
     return BuiltMethod(method, description)
 
@@ -152,34 +153,146 @@ class Prediction:
     image: Image.Image
     image_score: float
     anomaly_map: np.ndarray  # float32, input size x input size
+    index: int = 0  # position in the input list (under torchrun each rank yields its own share)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Paths -> (index, decoded image, preprocessed tensor); decoding runs in loader workers."""
+
+    def __init__(self, paths: list[Path], indices: range, preprocess) -> None:
+        self.paths, self.indices, self.preprocess = paths, indices, preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        image = open_image(self.paths[index])
+        return index, image, self.preprocess(image)
+
+
+def _collate_images(items):
+    return [i for i, _, _ in items], [img for _, img, _ in items], torch.stack([t for _, _, t in items])
+
+
+class _Failure:
+    """A ZsadError met while loading (in a worker process or not), carried to the main loop: a
+    DataLoader re-raises a worker's exception with its traceback as the message."""
+
+    def __init__(self, error: ZsadError) -> None:
+        self.kind, self.message, self.hint = type(error), error.message, error.hint
+
+
+class _Guarded(torch.utils.data.Dataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except ZsadError as error:
+            return _Failure(error)
+
+
+class _Collate:
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items):
+        failure = next((item for item in items if isinstance(item, _Failure)), None)
+        return failure if failure is not None else self.collate(items)
+
+
+class _Loader(DataLoader):
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                raise batch.kind(batch.message, hint=batch.hint)
+            yield batch
+
+
+def make_loader(dataset, *, batch_size: int, workers: int | None, device: torch.device, collate_fn=None,
+                **kwargs) -> DataLoader:
+    """Batches in dataset order; ``workers`` processes decode ahead of the forward pass (0: in this
+    process; None: the default), into pinned memory on CUDA. Results never depend on ``workers``;
+    a bad file ends the run with its own message (exit 2) whichever process read it."""
+    from torch.utils.data import default_collate
+
+    workers = distributed.default_workers() if workers is None else workers
+    loader = _Loader(_Guarded(dataset), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                     collate_fn=_Collate(collate_fn or default_collate), **kwargs)
+    return loader
 
 
 @torch.no_grad()
-def predict_paths(method: Method, paths: list[Path], batch_size: int = 1) -> Iterator[Prediction]:
+def predict_paths(method: Method, paths: list[Path], batch_size: int = 1, workers: int | None = 0
+                  ) -> Iterator[Prediction]:
     """Score images. Every image is decoded once up front, so a bad file stops the run (exit 2)
-    before any output is written; images are decoded again batch by batch to keep memory flat."""
-    for path in paths:
-        open_image(path)
+    before any output is written; images are decoded again batch by batch to keep memory flat.
+    Under torchrun each rank scores its own share of whole batches (``Prediction.index`` says where
+    each one stands in ``paths``)."""
+    share = distributed.shard_range(len(paths), batch_size)
+
+    def check_share() -> None:
+        for index in share:
+            open_image(paths[index])
+
+    distributed.agree(check_share)
     device = next(method.parameters()).device
+    loader = make_loader(_ImageFiles(paths, share, method.preprocess), batch_size=batch_size, workers=workers,
+                         device=device, collate_fn=_collate_images)
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=len(paths), info="")
-        for start in range(0, len(paths), batch_size):
-            chunk = [open_image(p) for p in paths[start:start + batch_size]]
-            batch = torch.stack([method.preprocess(img) for img in chunk]).to(device)
-            out = method(batch)
-            for offset, img in enumerate(chunk):
-                yield Prediction(paths[start + offset], img, float(out.image_score[offset]),
-                                 out.anomaly_map[offset].float().cpu().numpy())
-            bar.advance(task, len(chunk))
+        for indices, images, batch in loader:
+            out = method(batch.to(device, non_blocking=True))
+            for offset, (index, img) in enumerate(zip(indices, images)):
+                yield Prediction(paths[index], img, float(out.image_score[offset]),
+                                 out.anomaly_map[offset].float().cpu().numpy(), index)
+            bar.advance(task, len(indices) * distributed.world().world_size)  # rank 0's pace, for all ranks
 
 
-def run_batches(method: Method, loader: DataLoader, description: str) -> Iterator[tuple[dict, MethodOutput]]:
+def run_batches(method: Method, loader: DataLoader, description: str, total: int | None = None
+                ) -> Iterator[tuple[dict, MethodOutput]]:
+    """``total``: the items of the whole job when ``loader`` holds this rank's share (progress is
+    rank 0's pace times the world size; only rank 0 shows it)."""
     device = next(method.parameters()).device
+    pace = distributed.world().world_size if total is not None else 1
     with progress_bar() as bar:
-        task = bar.add_task(esc(description), total=len(loader.dataset), info="")  # class names: no markup
+        task = bar.add_task(esc(description), total=total if total is not None else len(loader.dataset),
+                            info="")  # class names: no markup
         for batch in loader:
-            yield batch, method(batch["image"].to(device))
-            bar.advance(task, len(batch["label"]))
+            yield batch, method(batch["image"].to(device, non_blocking=True))
+            bar.advance(task, len(batch["label"]) * pace)
+
+
+@torch.no_grad()
+def score_items(method: Method, dataset, *, batch_size: int, workers: int | None, description: str
+                ) -> dict[str, torch.Tensor] | None:
+    """Score every item of ``dataset`` (one class): {"scores", "labels", "maps", "masks"} in item
+    order, on the host. Under torchrun each rank scores its share of whole batches and rank 0
+    receives everything (other ranks get None); a ZsadError on any rank ends every rank."""
+    share = distributed.shard_range(len(dataset), batch_size)
+    device = next(method.parameters()).device
+
+    def score_share() -> dict[str, torch.Tensor]:
+        loader = make_loader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, workers=workers,
+                             device=device, shuffle=False)
+        scores, labels, maps, masks = [], [], [], []
+        for batch, out in run_batches(method, loader, description, total=len(dataset)):
+            scores.append(out.image_score.float().cpu())
+            labels.append(torch.as_tensor(batch["label"]))
+            maps.append(out.anomaly_map.float().cpu())
+            masks.append(batch["mask"])
+        if not scores:  # more ranks than batches
+            return {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+                    "maps": torch.zeros(0), "masks": torch.zeros(0, dtype=torch.bool)}
+        return {"scores": torch.cat(scores), "labels": torch.cat(labels), "maps": torch.cat(maps),
+                "masks": torch.cat(masks)}
+
+    return distributed.gather_tensors(distributed.agree(score_share))
 
 
 # ---------------------------------------------------------------------- training
@@ -191,10 +304,15 @@ def epoch_checkpoint(run: Path, epoch: int) -> Path:
 
 
 def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size: int, lr: float,
-                 resume: bool, trained_on: str, backbone_name: str) -> list[dict[str, float]]:
+                 resume: bool, trained_on: str, backbone_name: str, seed: int = 0,
+                 workers: int | None = 0) -> list[dict[str, float]]:
     """The authors' loop: Adam on the method's trainable parameters, shuffled batches, a checkpoint
     per epoch (atomic). ``resume`` continues after the last completed epoch with the optimizer
-    and RNG states saved beside it, so an interrupted run ends where an uninterrupted one would."""
+    and RNG states saved beside it, so an interrupted run ends where an uninterrupted one would.
+
+    Under torchrun: DistributedDataParallel over the trainable parameters (the frozen backbone is
+    neither synchronised nor reduced), a DistributedSampler seeded with ``seed``, ``batch_size``
+    the global batch (batch_size / world size per rank), rank 0 writes."""
     from zsadcli.core.checkpoints import save_checkpoint
 
     device = next(method.parameters()).device
@@ -202,7 +320,7 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
     history: list[dict[str, float]] = []
     start = 0
     state_path = run / STATE_FILE
-    if resume and state_path.is_file():
+    if resume and distributed.from_writer(state_path.is_file):  # rank 0's run folder decides
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         start = int(state["epoch"])
         method.load_checkpoint_state(load_checkpoint(epoch_checkpoint(run, start)).tensors)
@@ -214,11 +332,25 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
         log(f"resuming after epoch {start} of {epochs}")
     elif resume:
         log("nothing to resume: starting from epoch 1")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=method.recipe.shuffle if method.recipe else True,
-                        num_workers=0)
+    shuffle = method.recipe.shuffle if method.recipe else True
+    here = distributed.world()
+    model: torch.nn.Module = method
+    if here.sharded:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=here.world_size, rank=here.rank, shuffle=shuffle,
+                                     seed=seed)
+        loader = make_loader(dataset, batch_size=batch_size // here.world_size, workers=workers, device=device,
+                             sampler=sampler)
+        model = distributed.data_parallel(method)
+    else:
+        sampler = None
+        loader = make_loader(dataset, batch_size=batch_size, workers=workers, device=device, shuffle=shuffle)
     method.train()
     with progress_bar() as bar:
         for epoch in range(start + 1, epochs + 1):
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # each epoch its own order, the same on every rank
             task = bar.add_task(f"epoch {epoch}/{epochs}", total=len(dataset), info="")
             if hasattr(dataset, "set_epoch"):  # per-epoch seeded augmentation (e.g. mosaics)
                 dataset.set_epoch(epoch)
@@ -227,25 +359,29 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
             for batch in loader:
                 if method.uses_class_name:
                     method.set_batch_class_names(list(batch["cls_name"]))
-                out = method(batch["image"].to(device))
-                loss, parts = method.loss(out, batch["mask"].to(device), batch["label"].to(device))
+                out = model(batch["image"].to(device, non_blocking=True))
+                loss, parts = method.loss(out, batch["mask"].to(device, non_blocking=True),
+                                          batch["label"].to(device, non_blocking=True))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 batches += 1
                 for key, value in {"loss": float(loss.detach()), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value
-                bar.update(task, advance=len(batch["label"]), info=f"loss {float(loss.detach()):.4f}")
+                bar.update(task, advance=len(batch["label"]) * here.world_size,
+                           info=f"loss {float(loss.detach()):.4f}")
             bar.remove_task(task)
-            means = {k: v / max(batches, 1) for k, v in totals.items()}
+            means = distributed.reduce_mean({k: v / max(batches, 1) for k, v in totals.items()})
             history.append({"epoch": epoch, **means})
-            save_checkpoint(epoch_checkpoint(run, epoch), method.checkpoint_state(), method=method.name,
-                            backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch)
-            from zsadcli.atomic import atomic_path
+            if here.is_writer:
+                save_checkpoint(epoch_checkpoint(run, epoch), method.checkpoint_state(), method=method.name,
+                                backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch)
+                from zsadcli.atomic import atomic_path
 
-            with atomic_path(state_path) as tmp:
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "history": history}, tmp)
+                with atomic_path(state_path) as tmp:
+                    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
+                                "torch_rng": torch.get_rng_state(), "history": history}, tmp)
+            distributed.barrier()  # every rank sees the epoch's files before going on
             log(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     method.set_batch_class_names(None)
     method.eval()

@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-
-from zsadcli.core import metrics
-from zsadcli.core.engine import run_batches
+from zsadcli.core import distributed, metrics
+from zsadcli.core.engine import score_items
 from zsadcli.core.methods import Method
 from zsadcli.core.report_data import ReportCollector
 from zsadcli.data.dataset import MetaDataset
@@ -81,33 +78,40 @@ def _decision_columns(decision: dict[str, Any] | None) -> dict[str, Any]:
 def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
                      aupro_variant: str = "exact", classes: list[str] | None = None,
                      class_name: str | None = None, class_hook: ClassHook | None = None,
-                     report: ReportCollector | None = None) -> DatasetResult:
+                     report: ReportCollector | None = None, workers: int | None = 0, store=None) -> DatasetResult:
     """``class_name`` fixes the object name of class-aware prompts; by default each class's own.
     ``class_hook(cls, ClassScores)`` sees each class's scores and maps; its dict joins the class's entry.
-    ``report`` collects, per class, what a report of this run needs (curves, scores, thumbnails)."""
+    ``report`` collects, per class, what a report of this run needs (curves, scores, thumbnails).
+    ``store`` (resumable.ClassResults): finished classes are read from it and new ones saved to it
+    (a resumed class keeps its metrics, hook results included, but adds nothing to ``report``).
+    Under torchrun every rank scores a share of each class, rank 0 computes the metrics and every
+    rank returns rank 0's result."""
     result = DatasetResult(name, aupro_variant)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
+    finished = store.finished(name) if store is not None else {}
     for cls, items in meta["test"].items():
         if classes and cls not in classes:
             continue
+        if cls in finished:
+            result.per_class[cls] = finished[cls]
+            if any(np.isnan(finished[cls]["image"][k]) for k in IMAGE_COLUMNS):
+                undefined["image"].append(cls)
+            if any(np.isnan(finished[cls]["pixel"][k]) for k in PIXEL_COLUMNS):
+                undefined["pixel"].append(cls)
+            continue
         method.set_class_name(class_name or cls)
         dataset = MetaDataset(root, items, method.preprocess, method.input_size, method.mask_resample)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-        scores, labels, maps, masks = [], [], [], []
-        with torch.no_grad():
-            for batch, out in run_batches(method, loader, f"{name}/{cls}"):
-                scores.append(out.image_score.float().cpu())
-                labels.append(batch["label"])
-                maps.append(out.anomaly_map.float().cpu())
-                masks.append(batch["mask"])
-        label_array = torch.cat(labels).numpy()
-        all_maps = torch.cat(maps)
-        all_scores = method.finalize_class_scores(torch.cat(scores), all_maps)
+        scored = score_items(method, dataset, batch_size=batch_size, workers=workers, description=f"{name}/{cls}")
+        if scored is None:  # not rank 0: it computes the metrics
+            continue
+        label_array = scored["labels"].numpy()
+        all_maps = scored["maps"]
+        all_scores = method.finalize_class_scores(scored["scores"], all_maps)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", metrics.UndefinedMetric)
             image = metrics.image_metrics(label_array, all_scores.numpy())
-            pixel = metrics.pixel_metrics(torch.cat(masks).numpy(), all_maps.numpy(), aupro_variant)
+            pixel = metrics.pixel_metrics(scored["masks"].numpy(), all_maps.numpy(), aupro_variant)
         if any(np.isnan(image[k]) for k in IMAGE_COLUMNS):
             undefined["image"].append(cls)
         if any(np.isnan(pixel[k]) for k in PIXEL_COLUMNS):
@@ -117,12 +121,15 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         if report is not None:
             report.add_class(name, cls, root=root, items=items, labels=label_array, scores=all_scores.numpy(),
-                             maps=all_maps, masks=torch.cat(masks), image_metrics=image, pixel_metrics=pixel)
+                             maps=all_maps, masks=scored["masks"], image_metrics=image, pixel_metrics=pixel)
         result.per_class[cls] = {"n_images": len(label_array), "n_anomalous": int(label_array.sum()),
                                  "image": image, "pixel": pixel}
         if class_hook is not None:
             result.per_class[cls].update(class_hook(cls, ClassScores(all_scores.numpy(), label_array, all_maps.numpy(),
-                                                                     torch.cat(masks).numpy())) or {})
+                                                                     scored["masks"].numpy())) or {})
+        if store is not None:
+            store.save(name, cls, result.per_class[cls])
+    result, undefined = distributed.share((result, undefined))  # rank 0's, on every rank
     if not result.per_class:
         from zsadcli.errors import BadInput
 

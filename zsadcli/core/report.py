@@ -329,6 +329,14 @@ class PredictGallery:
         self.entries: list[tuple[dict[str, Any], bytes]] = []
 
     def add(self, record: Mapping[str, Any], image: Image.Image, amap: np.ndarray) -> None:
+        self.add_thumbnail(record, self.thumbnail(image, amap))
+
+    def add_thumbnail(self, record: Mapping[str, Any], png: bytes) -> None:
+        """A record with its ``thumbnail`` (made where the prediction was made, e.g. another rank)."""
+        self.entries.append((dict(record), png))
+
+    def thumbnail(self, image: Image.Image, amap: np.ndarray) -> bytes:
+        """The heatmap thumbnail (PNG bytes) of one image."""
         from zsadcli.core.heatmap import jet, normalise_map
         from zsadcli.core.report_data import thumbnail_size
 
@@ -339,7 +347,7 @@ class PredictGallery:
         scaled, _ = normalise_map(amap.astype(np.float32), self.normalize, self.value_range)
         heat = jet(np.asarray(Image.fromarray(scaled, mode="F").resize(shape, Image.BILINEAR))).astype(np.float32)
         thumb = Image.fromarray((0.5 * base + 0.5 * heat).round().clip(0, 255).astype(np.uint8))
-        self.entries.append((dict(record), png_bytes(thumb)))
+        return png_bytes(thumb)
 
     def render(self, title: str, description: Mapping[str, Any] | None = None) -> str:
         require_report_extra()

@@ -22,9 +22,16 @@ def run_dir(command: str, name: str, *, root: str | Path = "runs", force: bool =
     if not name or "/" in name or name in (".", ".."):
         raise BadInput(f"run name {name!r} is not a plain folder name.")
     path = Path(root) / command / name
-    if path.exists() and any(path.iterdir()) and not (force or resume):
-        raise BadInput(f"run folder {path} already exists.",
-                       hint="choose another --name, pass --force to overwrite" + (", or --resume" if command == "train" else ""))
+
+    def check() -> None:
+        if path.exists() and any(path.iterdir()) and not (force or resume):
+            raise BadInput(f"run folder {path} already exists.",
+                           hint="choose another --name, pass --force to overwrite"
+                                + (", or --resume" if command in ("train", "eval") else ""))
+
+    from zsadcli.core import distributed
+
+    distributed.from_writer(check)  # rank 0's folder decides, for every rank, before anyone writes
     return path
 
 
