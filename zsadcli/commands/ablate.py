@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
@@ -25,7 +25,7 @@ def ablate(
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
                          ] = Path("data"),
     aupro: Annotated[str, typer.Option("--aupro", help="AUPRO variant: exact, compat200 or bsr200.")] = "exact",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/ablate/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
                                      method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
@@ -51,7 +51,7 @@ def evaluate(
                          ] = Path("data"),
     aupro: Annotated[str, typer.Option("--aupro", help="exact (MVTec definition) or compat200 (the 200-threshold "
                                                        "variant the papers' tables use) or bsr200.")] = "exact",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Only these classes (comma-separated).",
                                                    show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/eval/NAME/.", show_default=False)] = None,

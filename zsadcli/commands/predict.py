@@ -8,8 +8,8 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, finite_float,
+                                     merge_options, method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
 
@@ -28,11 +28,11 @@ def predict(
         show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Image-score threshold: adds the label (anomalous if score >= T).",
-        show_default=False)] = None,
+        callback=finite_float(), show_default=False)] = None,
     normalize: Annotated[str, typer.Option(
         "--normalize", help="Heatmap colour scale: fixed (the map's own probability scale) or image (min-max).")
     ] = "fixed",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from zsadcli.console import err_console, log
 from zsadcli.core import hub
-from zsadcli.core.backbone import load_backbone
+from zsadcli.core.backbone import check_input_size, load_backbone, peek_patch_size
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
@@ -103,10 +103,16 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     hparams.update(spec.hparams)
     if spec.class_name and not cls.uses_class_name:
         raise BadInput(f"--class-name does not apply to {cls.name}: its prompts are class-agnostic.")
-    if spec.image_size:
+    if spec.image_size is not None:
         hparams["image_size"] = spec.image_size
+    cls.check_hparam_values(spec.hparams)
     source = spec.backbone_file or spec.backbone or cls.backbone_key
+    input_size = hparams.get("image_size", cls.image_size)
+    patch = peek_patch_size(source)  # checked before ~1 GB of weights load, where a header tells
+    if patch:
+        check_input_size(input_size, patch, str(source))
     backbone = _shared_backbone(source, cls.quick_gelu, spec.device, spec.dtype)
+    check_input_size(input_size, backbone.arch.patch_size, str(source))
     method = cls(backbone, hparams, spec.ablate)
     if checkpoint is not None and checkpoint.kind == "zsad":
         method.load_checkpoint_state(checkpoint.tensors)
@@ -191,10 +197,12 @@ def epoch_checkpoint(run: Path, epoch: int) -> Path:
 
 
 def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size: int, lr: float,
-                 resume: bool, trained_on: str, backbone_name: str) -> list[dict[str, float]]:
+                 resume: bool, trained_on: str, backbone_name: str,
+                 init: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """The authors' loop: Adam on the method's trainable parameters, shuffled batches, a checkpoint
     per epoch (atomic). ``resume`` continues after the last completed epoch with the optimizer
-    and RNG states saved beside it, so an interrupted run ends where an uninterrupted one would."""
+    and RNG states saved beside it, so an interrupted run ends where an uninterrupted one would.
+    ``init`` (source and sha256 of the weights training started from) goes into every checkpoint."""
     from zsadcli.core.checkpoints import save_checkpoint
 
     device = next(method.parameters()).device
@@ -238,7 +246,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
             means = {k: v / max(batches, 1) for k, v in totals.items()}
             history.append({"epoch": epoch, **means})
             save_checkpoint(epoch_checkpoint(run, epoch), method.checkpoint_state(), method=method.name,
-                            backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch)
+                            backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch,
+                            init=init)
             from zsadcli.atomic import atomic_path
 
             with atomic_path(state_path) as tmp:
