@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     comma_list, merge_options, method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
 
@@ -63,10 +63,10 @@ def ablate(
         raise BadInput("--test-on names no dataset.", hint="e.g. --test-on visa (or --list to see the switches)")
     if aupro not in AUPRO_VARIANTS:
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
-    chosen = [s.strip() for s in switches.split(",")] if switches else list(cls.ablations)
+    chosen = comma_list(switches, "--switches") if switches else list(cls.ablations)
     if not chosen:
         raise BadInput(f"{method} has no ablation switches.")
-    names = [d.strip() for d in test_on.split(",") if d.strip()]
+    names = comma_list(test_on, "--test-on")
     datasets = {d: (data_root / d, load_meta(data_root / d)) for d in names}
     run = run_dir("ablate", name or f"{method}-{'_'.join(names)}", root=runs_root, force=force)
     spec = method_options.spec(opts)

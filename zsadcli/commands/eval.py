@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, merge_options,
-                                     method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     comma_list, merge_options, method_options)
 from zsadcli.console import emit_json, err_console, log
 from zsadcli.errors import BadInput
 
@@ -75,7 +75,7 @@ def evaluate(
     from zsadcli.core.evaluation import evaluate_dataset
     from zsadcli.core.methods import get_method
     from zsadcli.core.metrics import AUPRO_VARIANTS
-    from zsadcli.core.runs import environment, run_dir, write_csv, write_json
+    from zsadcli.core.runs import environment, results_kept, run_dir, write_csv, write_json
     from zsadcli.data.meta import load_meta
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
@@ -85,7 +85,7 @@ def evaluate(
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
     if batch_size < 1:
         raise BadInput("--batch-size must be at least 1.")
-    datasets = [d.strip() for d in test_on.split(",") if d.strip()]
+    datasets = comma_list(test_on, "--test-on")
     if not datasets:
         raise BadInput("--test-on names no dataset.")
     cls = get_method(method)
@@ -108,18 +108,19 @@ def evaluate(
         if built is None or built_for != spec.train_on:
             built, built_for = build_method(spec), spec.train_on
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
-                                  aupro_variant=aupro, classes=classes.split(",") if classes else None,
+                                  aupro_variant=aupro, classes=comma_list(classes, "--classes") or None,
                                   class_name=class_name)
         results.append(result)
         configs[dataset] = built.description
         if not opts.json:
             render_result(result, f"{method} on {dataset} (x100)")
-    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,
-                                      "datasets": [r.to_json() for r in results]})
-    write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
-    write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
-                                     "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
-                                     "environment": environment()})
+    metrics = {"method": method, "aupro_variant": aupro, "datasets": [r.to_json() for r in results]}
+    with results_kept(run, metrics):  # a full disk now must not lose the computed metrics
+        write_json(run / "metrics.json", metrics)
+        write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
+        write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
+                                         "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
+                                         "environment": environment()})
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:

@@ -12,6 +12,7 @@ from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOpt
                                      merge_options, method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
+from zsadcli.outputs import check_output_file
 
 
 @method_options()
@@ -59,15 +60,20 @@ def predict(
         raise BadInput(f"--out names one file but {len(paths)} images were given.", hint="use --out-dir DIR")
     if out and out.suffix.lower() != ".png":
         raise BadInput(f"--out {out}: the overlay is written as PNG; name it *.png.")
-    stems = [p.stem for p in paths]
-    if (out_dir or save_raw) and len(set(stems)) != len(stems):
-        raise BadInput("two inputs share a file name stem; outputs would collide.", hint="predict them separately")
+    if out_dir or save_raw:
+        first_with_stem: dict[str, Path] = {}
+        for path in paths:
+            other = first_with_stem.setdefault(path.stem, path)
+            if other != path:
+                raise BadInput(f"inputs {other} and {path} share the file name stem {path.stem!r}; their outputs "
+                               "would collide.", hint="predict them separately")
     targets = {p: {"heatmap": out if out else (out_dir / f"{p.stem}.png" if out_dir else None),
                    "raw": save_raw / f"{p.stem}.npy" if save_raw else None} for p in paths}
     for files in targets.values():
         for kind, target in files.items():
             if target is not None:
                 refuse_overwrite(target, force, "output file")
+                check_output_file(target, "output file")  # before any compute: nothing is lost at the end
 
     built = build_method(method_options.spec(opts))
     value_range = built.method.map_range

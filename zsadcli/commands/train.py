@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, SeedOpt, finite_float,
                                      merge_options, method_options)
@@ -63,6 +64,7 @@ def train(
     from zsadcli.core.training import resolve_init, resumed_config, start_point
     from zsadcli.data.dataset import MetaDataset
     from zsadcli.data.meta import load_meta
+    from zsadcli.data.validate import split_notes
 
     opts = merge_options(ctx, device=device, precision=precision, seed=seed, json=json, quiet=quiet)
     method = method_options.method
@@ -79,6 +81,8 @@ def train(
     root = data_root / on
     meta = load_meta(root)
     items = [item for items in meta["test"].values() for item in items]
+    for note in split_notes(meta["test"]):  # empty classes are skipped; unmasked anomalies train as normal pixels
+        log(f"[yellow]note:[/] {escape(note)}")
     if not items:
         raise BadInput(f"{root}/meta.json has no test items to train on.")
     run = run_dir("train", name or f"{method}-{on}", root=runs_root, force=force, resume=resume)

@@ -17,6 +17,7 @@ from zsadcli.core.engine import run_batches
 from zsadcli.core.methods import Method
 from zsadcli.data.dataset import MetaDataset
 from zsadcli.data.meta import Meta
+from zsadcli.data.validate import split_notes
 
 IMAGE_COLUMNS = ("auroc", "ap", "f1_max")
 PIXEL_COLUMNS = ("auroc", "ap", "f1_max", "aupro")
@@ -57,8 +58,10 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
     result = DatasetResult(name, aupro_variant)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
-    for cls, items in meta["test"].items():
-        if classes and cls not in classes:
+    chosen = {cls: items for cls, items in meta["test"].items() if not classes or cls in classes}
+    result.notes.extend(split_notes(chosen))  # empty classes are skipped; unmasked anomalies flagged
+    for cls, items in chosen.items():
+        if not items:
             continue
         method.set_class_name(class_name or cls)
         dataset = MetaDataset(root, items, method.preprocess, method.input_size, method.mask_resample)

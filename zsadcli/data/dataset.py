@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from zsadcli.data.images import load_mask, open_image
 from zsadcli.data.meta import MetaItem, resolve_item_path
+from zsadcli.data.validate import check_mask_sizes
 
 
 class MetaDataset(Dataset):
@@ -26,6 +27,7 @@ class MetaDataset(Dataset):
         self.preprocess = preprocess
         self.size = size
         self.mask_resample = mask_resample
+        check_mask_sizes(root, items)  # a mask that does not fit its image stops the run before any compute
 
     def __len__(self) -> int:
         return len(self.items)
