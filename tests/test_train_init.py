@@ -95,6 +95,11 @@ def assert_step_close(actual: dict[str, torch.Tensor], expected: dict[str, torch
     for key in expected:
         lr = float((expected[key] - start[key]).abs().max())
         g = grads[key].double().abs()
+        if float(g.max()) < 1e-6:
+            # A gradient that is 0 in exact arithmetic (attention key biases: softmax ignores a shift
+            # shared by a row) is pure float noise, and Adam's first step turns noise into +-lr.
+            assert float((actual[key] - start[key]).abs().max()) <= lr * (1 + 1e-6), key
+            continue
         scale = float(expected[key].abs().max())  # relative to the tensor: an update may cancel to ~0
         noise = 1e-6 * g + 1e-6 * float(g.max())
         allowed = 1e-6 * scale + lr * eps * noise / (g + eps) ** 2
