@@ -72,8 +72,8 @@ def predict(
     for files in targets.values():
         for kind, target in files.items():
             if target is not None:
-                refuse_overwrite(target, force, "output file")
                 check_output_file(target, "output file")  # before any compute: nothing is lost at the end
+                refuse_overwrite(target, force, "output file")
 
     built = build_method(method_options.spec(opts))
     value_range = built.method.map_range

@@ -116,6 +116,19 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))  # as config.json holds it (tuples -> lists)
 
 
+def _changes(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` per differing key; dictionaries (hparams) compared key by key."""
+    out = []
+    for key in keys:
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            out += [f"{key}.{k}: {before.get(k)!r} -> {after.get(k)!r}"
+                    for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        elif before != after:
+            out.append(f"{key}: {before!r} -> {after!r}")
+    return out
+
+
 def resumed_config(run: Path, config: dict[str, Any], *, done: int, epochs: int,
                    allow_changes: bool) -> dict[str, Any]:
     """The config.json to write when resuming after ``done`` epochs: refuses (exit 2, listing them)
@@ -128,10 +141,7 @@ def resumed_config(run: Path, config: dict[str, Any], *, done: int, epochs: int,
                        hint=f"--epochs may only grow (at least {done})")
     new = _plain(config)
     old_method, new_method = previous.get("method") or {}, new.get("method") or {}
-    changes = [f"{key}: {previous.get(key)!r} -> {new.get(key)!r}" for key in TRAINING_SETTINGS
-               if previous.get(key) != new.get(key)]
-    changes += [f"{key}: {old_method.get(key)!r} -> {new_method.get(key)!r}" for key in METHOD_SETTINGS
-                if old_method.get(key) != new_method.get(key)]
+    changes = _changes(previous, new, TRAINING_SETTINGS) + _changes(old_method, new_method, METHOD_SETTINGS)
     if changes and not allow_changes:
         raise BadInput(f"--resume would change what run {run} trains: {'; '.join(changes)}.",
                        hint="resume with the options the run started with (only --epochs may grow), pass "
