@@ -8,8 +8,8 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, finite_float,
-                                     merge_options, method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     finite_float, merge_options, method_options)
 from zsadcli.console import emit_json, log
 from zsadcli.errors import BadInput
 from zsadcli.outputs import check_output_file

@@ -218,7 +218,7 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
         optimizer = method.make_optimizer(lr)
         optimizer.load_state_dict(state["optimizer"])
         for group, wanted in zip(optimizer.param_groups, method.make_optimizer(lr).param_groups):
-            group["lr"] = wanted["lr"]  # the saved state carries the old rate; a resume allowed to change it uses the new
+            group["lr"] = wanted["lr"]  # the saved state holds the old rate; an allowed change takes effect
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         log(f"resuming after epoch {start} of {epochs}")
