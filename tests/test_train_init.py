@@ -27,7 +27,8 @@ from zsadcli.data.images import clip_preprocess, load_mask, open_image
 from zsadcli.data.meta import load_meta, resolve_item_path, write_meta
 from zsadcli.data.synthetic import generate_synthetic
 
-TINY = ["--backbone", "tiny-clip", "--image-size", "112", "--device", "cpu"]
+SIZE = 56  # 4 x 4 patches of the tiny CLIP: cheap
+TINY = ["--backbone", "tiny-clip", "--image-size", str(SIZE), "--device", "cpu"]
 
 
 def sha256(path: Path) -> str:
@@ -128,7 +129,7 @@ def test_lr_zero_keeps_the_init_bit_for_bit_and_the_run_records_it(runner, tmp_p
     assert result.exit_code == 0, result.output
     run = runs / "train" / "x"
     init = build_method(MethodSpec("anomalyclip", backbone="tiny-clip", checkpoint=str(ac_init),
-                                   image_size=112)).method.checkpoint_state()
+                                   image_size=SIZE)).method.checkpoint_state()
     trained = load_file(run / "epoch_1.safetensors")
     assert trained.keys() == init.keys() and all(torch.equal(trained[k], init[k]) for k in init)
     record = {"source": str(ac_init), "path": str(ac_init), "sha256": sha256(ac_init)}
@@ -165,12 +166,12 @@ def test_training_free_methods_and_misfit_files_exit_2_before_training(runner, t
     shapes = runner.invoke(app, [*common, "--name", "w", "--init", str(wide)])
     assert shapes.exit_code == 2 and "shape" in shapes.output, shapes.output
     state = build_method(MethodSpec("anomalyclip", backbone="tiny-clip", checkpoint=str(ac_init),
-                                    image_size=112)).method.checkpoint_state()
+                                    image_size=SIZE)).method.checkpoint_state()
     from zsadcli.core.checkpoints import save_checkpoint
 
     state["prompts.ctx_pos"] = torch.zeros(1, 1, 12, 32)  # our format, one tensor for another backbone
     save_checkpoint(tmp_path / "ours.safetensors", state, method="anomalyclip", backbone="tiny-clip",
-                    trained_on="aux", hparams={"image_size": 112})
+                    trained_on="aux", hparams={"image_size": SIZE})
     ours = runner.invoke(app, [*common, "--name", "o", "--init", str(tmp_path / "ours.safetensors")])
     assert ours.exit_code == 2 and "ctx_pos" in ours.output and "(1, 1, 12, 32)" in ours.output, ours.output
     foreign = tmp_path / "vip.pth"
@@ -220,7 +221,7 @@ def test_one_anomalyclip_step_from_released_weights_equals_the_recipe(runner, tm
     # element whose gradient is near 6e-8 is 0 on one side and not on the other by 1e-7-level float
     # noise, and Adam's first step (lr x sign) turns that into a full step of difference.
     clip = build_tiny_open_clip(seed=0)
-    images, masks, labels = batch(data / "aux", 112)
+    images, masks, labels = batch(data / "aux", SIZE)
     state = leaves(anomalyclip_authors(seed=5)["prompt_learner"], ("token_", "tokenized_", "compound_prompt_proj"))
     text = ref_ac.text_features(clip, state, fp16_deep=False)[0]  # (2, E)
     with torch.no_grad():
@@ -231,13 +232,13 @@ def test_one_anomalyclip_step_from_released_weights_equals_the_recipe(runner, tm
         p = p / p.norm(dim=-1, keepdim=True)
         sim = (p @ text.T / 0.07).softmax(-1)[:, 1:]
         side = int(sim.shape[1] ** 0.5)
-        prob = F.interpolate(sim.reshape(-1, side, side, 2).permute(0, 3, 1, 2), 112, mode="bilinear")
+        prob = F.interpolate(sim.reshape(-1, side, side, 2).permute(0, 3, 1, 2), SIZE, mode="bilinear")
         ref_loss = ref_loss + 4 * (_official_focal(prob, masks) + _official_dice(prob[:, 1], masks)
                                    + _official_dice(prob[:, 0], 1 - masks))
     assert loss == pytest.approx(ref_loss.item(), rel=1e-6)
     ref_loss.backward()
     stepped = adam_first_step(state, {k: 1e-3 for k in state}, (0.5, 0.999))
-    spec = {"backbone": "tiny-clip", "image_size": 112}
+    spec = {"backbone": "tiny-clip", "image_size": SIZE}
     assert_step_close(load_file(runs / "train" / "s" / "epoch_1.safetensors"),
                       in_our_names("anomalyclip", {"prompt_learner": stepped}, tmp_path / "stepped.pth", **spec),
                       in_our_names("anomalyclip", anomalyclip_authors(seed=5), tmp_path / "start.pth", **spec),
