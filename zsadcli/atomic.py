@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from zsadcli.errors import BadInput
+from zsadcli.errors import BadInput, WriteFailed
 
 
 def refuse_overwrite(path: Path, force: bool, what: str) -> None:
@@ -36,16 +36,34 @@ def _create_temp_beside(target: Path) -> Path:
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
+    """Yield a temporary path beside ``target``; rename it over ``target`` only on success.
+
+    A failed write (disk full, permissions) raises WriteFailed (exit 2) naming ``target`` and
+    leaves nothing behind: no temporary file, no folder created for it."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp_beside(target)
+    missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp_beside(target)
         yield tmp
         os.replace(tmp, target)
+    except OSError as exc:
+        _discard(tmp, missing)
+        raise WriteFailed.of(target, exc) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp, [])
+
+
+def _discard(tmp: Path | None, folders: list[Path]) -> None:
+    """Remove a temporary file and the (then empty) folders made for it, deepest first."""
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

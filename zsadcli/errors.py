@@ -43,6 +43,16 @@ class BadInput(ZsadError):
     exit_code = 2
 
 
+class WriteFailed(BadInput):
+    """An output could not be written (disk full, permissions changed); nothing partial is left."""
+
+    @classmethod
+    def of(cls, target, exc: OSError) -> "WriteFailed":
+        reason = exc.strerror or type(exc).__name__
+        return cls(f"could not write {target}: {reason}.",
+                   hint="free some space or choose another output location; no partial file was left")
+
+
 class NotAvailableYet(BadInput):
     """A command or option that a later release implements."""
 

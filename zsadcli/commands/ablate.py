@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
-                                     merge_options, method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     WorkersOpt, comma_list, merge_options, method_options)
 from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
@@ -25,7 +25,7 @@ def ablate(
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding one prepared dataset per name.")
                          ] = Path("data"),
     aupro: Annotated[str, typer.Option("--aupro", help="AUPRO variant: exact, compat200 or bsr200.")] = "exact",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/ablate/NAME/.", show_default=False)] = None,
     runs_root: Annotated[Path, typer.Option("--runs", help="Where run folders go.")] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run folder.")] = False,
@@ -65,10 +65,10 @@ def ablate(
         raise BadInput("--test-on names no dataset.", hint="e.g. --test-on visa (or --list to see the switches)")
     if aupro not in AUPRO_VARIANTS:
         raise BadInput(f"--aupro {aupro!r}: choose from {', '.join(AUPRO_VARIANTS)}.")
-    chosen = [s.strip() for s in switches.split(",")] if switches else list(cls.ablations)
+    chosen = comma_list(switches, "--switches") if switches else list(cls.ablations)
     if not chosen:
         raise BadInput(f"{method} has no ablation switches.")
-    names = [d.strip() for d in test_on.split(",") if d.strip()]
+    names = comma_list(test_on, "--test-on")
     datasets = {d: (data_root / d, load_meta(data_root / d)) for d in names}
     run = run_dir("ablate", name or f"{method}-{'_'.join(names)}", root=runs_root, force=force)
     spec = method_options.spec(opts)

@@ -10,7 +10,8 @@ from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 
-from zsadcli.console import set_quiet
+from zsadcli.console import log, set_quiet
+from zsadcli.core.limits import MAX_IMAGE_SIZE
 from zsadcli.errors import ZsadError
 
 F = TypeVar("F", bound=Callable)
@@ -57,7 +58,8 @@ PrecisionOpt = Annotated[Optional[str], typer.Option(
     "--precision", help="fp32 (exact, the parity setting), bf16 (fast on CPU and GPU) or fp16 (GPU).",
     show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the method's recipe).",
-                                                show_default=False)]
+                                                min=0, max=2**32 - 1, show_default=False)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress bars on stderr.")]
 MaxImagePixelsOpt = Annotated[Optional[int], typer.Option(
@@ -68,6 +70,34 @@ MaxImagePixelsOpt = Annotated[Optional[int], typer.Option(
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="Data-loading processes (per rank under torchrun); 0 decodes in the main process. "
                       "Default: min(4, CPUs - 1). Results are the same for every value.", min=0, show_default=False)]
+
+
+def finite_float(minimum: Optional[float] = None, *, strictly_above: bool = False) -> Callable:
+    """A Typer callback refusing NaN/inf and values below ``minimum`` (exit 2 naming the range);
+    None (not given) passes through, 0 is a value like any other."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return None
+        low_ok = minimum is None or (value > minimum if strictly_above else value >= minimum)
+        if value != value or value in (float("inf"), float("-inf")) or not low_ok:
+            bound = "" if minimum is None else f" {'>' if strictly_above else '>='} {minimum:g}"
+            raise typer.BadParameter(f"{value} is not a finite number{bound}.")
+        return value
+
+    return check
+
+
+def comma_list(value: Optional[str], option: str) -> list[str]:
+    """``"a, b,a"`` -> ``["a", "b"]``: names stripped, empty ones dropped, repeats kept once (with a note)."""
+    names = [part.strip() for part in (value or "").split(",") if part.strip()]
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        from rich.markup import escape
+
+        log(f"note: {option} names {escape(', '.join(repeated))} more than once; each is used once")
+    return unique
 
 
 @dataclass(frozen=True)
@@ -122,7 +152,9 @@ BackboneFileOpt = Annotated[Optional[str], typer.Option(
     "--backbone-file", help="Local CLIP weights (OpenAI .pt, open_clip .bin/.safetensors); shapes decide the "
                             "architecture.", show_default=False)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(
-    "--image-size", help="Input size in pixels (default: the method's, e.g. 518).", show_default=False)]
+    "--image-size", min=1, max=MAX_IMAGE_SIZE,
+    help=f"Input size in pixels: a multiple of the backbone's patch size (14 or 16), at most {MAX_IMAGE_SIZE} "
+         "(default: the method's, e.g. 518).", show_default=False)]
 AblateOpt = Annotated[Optional[list[str]], typer.Option(
     "--ablate", help="Turn a module off (repeatable; see `zsad ablate --method M --list`).", show_default=False)]
 
@@ -259,7 +291,12 @@ def method_hparams(*, rep_vec: Optional[str] = None, dino_file: Optional[str] = 
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise BadInput(f"--hparam {item!r}: expected KEY=VALUE.")
-        values[key.strip()] = yaml.safe_load(raw)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or "not valid YAML")
+            raise BadInput(f"--hparam {key.strip()}: {raw!r} is not a valid YAML value ({problem}).",
+                           hint="e.g. --hparam sigma=4 or --hparam 'layers=[6, 12]'") from None
     named = {"rep_vec": rep_vec, "dino_file": dino_file, "dattn_mean": dattn_mean, "reference": reference,
              "bsr": False if no_bsr else None, "fix_normal_prompt": True if fix_normal_prompt else None}
     values.update({k: v for k, v in named.items() if v is not None})

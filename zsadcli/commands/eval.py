@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
-                                     merge_options, method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     WorkersOpt, comma_list, merge_options, method_options)
 from zsadcli.console import emit_json, esc, log, print_table
 from zsadcli.errors import BadInput
 
@@ -70,7 +70,7 @@ def evaluate(
                          ] = Path("data"),
     aupro: Annotated[str, typer.Option("--aupro", help="exact (MVTec definition) or compat200 (the 200-threshold "
                                                        "variant the papers' tables use) or bsr200.")] = "exact",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Only these classes (comma-separated).",
                                                    show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: runs/eval/NAME/.", show_default=False)] = None,
@@ -109,7 +109,7 @@ def evaluate(
     from zsadcli.core.metrics import AUPRO_VARIANTS
     from zsadcli.core.report import require_report_extra, write_eval_report
     from zsadcli.core.report_data import ReportCollector
-    from zsadcli.core.runs import environment, run_dir, write_csv, write_json
+    from zsadcli.core.runs import environment, results_kept, run_dir, write_csv, write_json
     from zsadcli.data.meta import load_meta
 
     started = time.perf_counter()
@@ -131,7 +131,7 @@ def evaluate(
                             "--report --force for the full page")
     card = load_card(calibration) if calibration else None
     collector = ReportCollector(k=report_k, card=card) if report else None
-    datasets = [d.strip() for d in test_on.split(",") if d.strip()]
+    datasets = comma_list(test_on, "--test-on")
     if not datasets:
         raise BadInput("--test-on names no dataset.")
     cls = get_method(method)
@@ -159,7 +159,7 @@ def evaluate(
             if card is not None:
                 check_card_fits(card, calibration, built.description)
         result = evaluate_dataset(built.method, dataset, data_root / dataset, metas[dataset], batch_size=batch_size,
-                                  aupro_variant=aupro, classes=classes.split(",") if classes else None,
+                                  aupro_variant=aupro, classes=comma_list(classes, "--classes") or None,
                                   class_name=class_name, class_hook=decision_hook(card) if card else None,
                                   report=collector, workers=workers, store=store)
         if card is not None:
@@ -173,18 +173,19 @@ def evaluate(
                                          "(x100)")
     if not is_writer():
         return
-    write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
-    write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
-                                     "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
-                                     "calibration": str(calibration) if calibration else None,
-                                     "environment": environment()})
-    write_json(run / "metrics.json", {"method": method, "aupro_variant": aupro,  # last: the run is complete
-                                      "datasets": [r.to_json() for r in results]})
-    store.close()
-    if collector is not None:
-        collector.write(run, wall_time_s=time.perf_counter() - started, models=configs)
-        write_eval_report([run], run / "report.html")
-        log(f"wrote {esc(run)}/report.html")
+    metrics = {"method": method, "aupro_variant": aupro, "datasets": [r.to_json() for r in results]}
+    with results_kept(run, metrics):  # a full disk now must not lose the computed metrics
+        write_csv(run / "per_class.csv", [row for r in results for row in r.rows()])
+        write_json(run / "config.json", {"command": "eval", "test_on": datasets, "data_root": str(data_root),
+                                         "batch_size": batch_size, "aupro_variant": aupro, "models": configs,
+                                         "calibration": str(calibration) if calibration else None,
+                                         "environment": environment()})
+        write_json(run / "metrics.json", metrics)  # last: the run is complete
+        store.close()
+        if collector is not None:
+            collector.write(run, wall_time_s=time.perf_counter() - started, models=configs)
+            write_eval_report([run], run / "report.html")
+            log(f"wrote {esc(run)}/report.html")
     if opts.json:
         emit_json({"run": str(run), "aupro_variant": aupro, "datasets": [r.to_json() for r in results]})
     else:

@@ -8,10 +8,11 @@ import numpy as np
 import typer
 
 from zsadcli.atomic import atomic_path, refuse_overwrite
-from zsadcli.commands.common import (DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt, WorkersOpt,
-                                     merge_options, method_options)
+from zsadcli.commands.common import (BatchSizeOpt, DeviceOpt, JsonOpt, MethodOptions, PrecisionOpt, QuietOpt,
+                                     WorkersOpt, finite_float, merge_options, method_options)
 from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
+from zsadcli.outputs import check_output_file
 
 
 @method_options()
@@ -28,7 +29,7 @@ def predict(
         show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Image-score threshold: adds the label (anomalous if score >= T).",
-        show_default=False)] = None,
+        callback=finite_float(), show_default=False)] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         "--calibration", help="A calibration card (`zsad calibrate`): adds label, threshold and margin; "
                               "--threshold still overrides its image threshold.", show_default=False)] = None,
@@ -41,7 +42,7 @@ def predict(
     normalize: Annotated[str, typer.Option(
         "--normalize", help="Heatmap colour scale: fixed (the map's own probability scale) or image (min-max).")
     ] = "fixed",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    batch_size: BatchSizeOpt = 1,
     report: Annotated[bool, typer.Option(
         "--report", help="Also write an HTML gallery of every image, highest score first (needs zsad[report]).")
     ] = False,
@@ -61,7 +62,7 @@ def predict(
     `zsad predict 'shots/*.jpg' --checkpoint runs/train/x/epoch_15.safetensors --out-dir heat/ --json`.
     """
     from zsadcli.core import decisions
-    from zsadcli.core.distributed import in_input_order
+    from zsadcli.core.distributed import in_input_order, is_writer
     from zsadcli.core.engine import build_method, expand_inputs, predict_paths
     from zsadcli.core.report import PredictGallery, require_report_extra
 
@@ -78,19 +79,25 @@ def predict(
         raise BadInput(f"--out names one file but {len(paths)} images were given.", hint="use --out-dir DIR")
     if out and out.suffix.lower() != ".png":
         raise BadInput(f"--out {out}: the overlay is written as PNG; name it *.png.")
-    stems = [p.stem for p in paths]
-    if (out_dir or save_raw or save_mask) and len(set(stems)) != len(stems):
-        raise BadInput("two inputs share a file name stem; outputs would collide.", hint="predict them separately")
+    if out_dir or save_raw or save_mask:
+        first_with_stem: dict[str, Path] = {}
+        for path in paths:
+            other = first_with_stem.setdefault(path.stem, path)
+            if other != path:
+                raise BadInput(f"inputs {other} and {path} share the file name stem {path.stem!r}; their outputs "
+                               "would collide.", hint="predict them separately")
     targets = {p: {"heatmap": out if out else (out_dir / f"{p.stem}.png" if out_dir else None),
                    "raw": save_raw / f"{p.stem}.npy" if save_raw else None,
                    "mask": save_mask / f"{p.stem}.png" if save_mask else None} for p in paths}
     for files in targets.values():
         for kind, target in files.items():
             if target is not None:
+                check_output_file(target, "output file")  # before any compute: nothing is lost at the end
                 refuse_overwrite(target, force, "output file")
     if report or report_out:
         report_out = report_out or Path("gallery.html")
         require_report_extra()
+        check_output_file(report_out, "gallery")
         refuse_overwrite(report_out, force, "gallery")
 
     built = build_method(method_options.spec(opts))
@@ -110,7 +117,7 @@ def predict(
             label = f"  {record['label']}" if "label" in record else ""
             log(f"{esc(record['path'])}: score {record['image_score']:.4f}  map max {record['map_max']:.4f}{label}"
                 + (f"  -> {esc(record['heatmap'])}" if "heatmap" in record else ""))
-    if gallery is not None:
+    if gallery is not None and is_writer():  # under torchrun rank 0 holds every record
         gallery.write(report_out, f"zsad predict: {len(paths)} images", built.description)
         log(f"wrote {esc(report_out)}")
 

@@ -12,7 +12,7 @@ from zsadcli.commands.common import JsonOpt, QuietOpt, merge_options
 from zsadcli.console import emit_json, err_console
 from zsadcli.data.converters import CONVERTERS, Problem
 from zsadcli.data.prepare import FileProblems, PrepareOutcome, prepare_dataset, problem_list, summarize
-from zsadcli.data.validate import check_meta
+from zsadcli.data.validate import check_meta, split_notes
 from zsadcli.errors import BadInput
 
 USAGE = "usage: zsad prepare DATASET ROOT | zsad prepare --list | zsad prepare --check ROOT"
@@ -57,10 +57,14 @@ def _show_list(as_json: bool) -> None:
 def _show_check(root: Path, as_json: bool) -> None:
     meta, problems = check_meta(root)
     rows = summarize(meta)
+    notes = split_notes(meta["test"])  # the rule eval and train apply: empty classes skipped, unmasked flagged
     if as_json:
-        emit_json({"root": str(root), "valid": not problems, "classes": rows, "problems": _problems_json(problems)})
+        emit_json({"root": str(root), "valid": not problems, "classes": rows, "problems": _problems_json(problems),
+                   "notes": notes})
     else:
         err_console.print(_summary_table(rows, f"{root / 'meta.json'}"))
+        for note in notes:
+            _say(f"note: {note}")
     if problems:
         raise BadInput(f"{len(problems)} problem(s) in {root / 'meta.json'}:\n{problem_list(problems)}",
                        hint="regenerate it with `zsad prepare DATASET ROOT --force` or fix the files")

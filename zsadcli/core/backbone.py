@@ -359,6 +359,63 @@ class ClipBackbone(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(token_ids), token_ids.argmax(dim=-1))
 
 
+def check_input_size(size: int, patch: int, source: str) -> None:
+    """An input side the backbone can take: a positive multiple of its patch size, at most MAX_IMAGE_SIZE."""
+    from zsadcli.core.limits import MAX_IMAGE_SIZE
+
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_IMAGE_SIZE or size % patch:
+        high = MAX_IMAGE_SIZE - MAX_IMAGE_SIZE % patch
+        nearest = max(patch, min(high, round(size / patch) * patch)) if isinstance(size, int) else 16 * patch
+        raise BadInput(f"image size {size!r} does not fit the backbone {source}: it takes a multiple of its patch "
+                       f"size {patch} from {patch} to {high}.", hint=f"e.g. --image-size {nearest}")
+
+
+def _safetensors_patch_size(path: Path) -> int | None:
+    """The patch size from a safetensors header (no tensor is read), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head[8:9] != b"{":
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if "visual.conv1.weight" not in handle.keys():
+                return None
+            return int(handle.get_slice("visual.conv1.weight").get_shape()[-1])
+    except Exception:  # unreadable here: the full load reports it properly
+        return None
+
+
+def peek_patch_size(spec: str | os.PathLike) -> int | None:
+    """The backbone's patch size without loading its weights, where a header tells it: a local
+    safetensors file, or a registry entry whose cached file (or converted copy) is safetensors.
+    None where only a full read can tell (torch pickles, TorchScript, hub ids, files not cached)."""
+    from zsadcli.core import hub
+
+    spec_str = str(spec)
+    if spec_str.startswith("hf-hub:"):
+        return None
+    try:
+        registry = hub.load_registry()
+    except Exception:
+        return None
+    if spec_str in registry:
+        entry = registry[spec_str]
+        candidates = [_converted_cache(entry.sha256)] if entry.sha256 else []
+        cached = hub.cached_path(entry)
+        if cached is not None:
+            candidates.append(Path(cached))
+        for path in candidates:
+            if path.is_file():
+                patch = _safetensors_patch_size(path)
+                if patch:
+                    return patch
+        return None
+    path = Path(spec_str).expanduser()
+    return _safetensors_patch_size(path) if path.is_file() else None
+
+
 def backbone_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: bool,
                              source: str) -> ClipBackbone:
     clip, arch = build_clip(state_dict, quick_gelu=quick_gelu, source=source)

@@ -1,7 +1,8 @@
 """Method checkpoints: our safetensors format (tensors + metadata) and the authors' formats.
 
 Ours: safetensors whose metadata holds ``zsad_format``, ``method``, ``backbone``,
-``trained_on``, ``hparams`` (JSON), ``epoch`` and ``zsad_version``. Authors' files are torch
+``trained_on``, ``hparams`` (JSON), ``epoch``, ``zsad_version`` and, for runs started from
+other weights (``zsad train --init``), ``init`` (JSON: source and sha256). Authors' files are torch
 pickles of plain tensors, read with ``weights_only=True``. Under ``--allow-pickle`` a strict
 allowlist unpickler also restores the few classes authors' whole-object pickles name (BSR-CLIP's
 Adaptor); any other global is refused before it is called, so no code from the file runs.
@@ -35,16 +36,30 @@ class LoadedCheckpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, method: str, backbone: str,
-                    trained_on: str, hparams: dict[str, Any], epoch: int | None = None) -> Path:
-    """Write atomically (a crash never leaves a half-written checkpoint)."""
+                    trained_on: str, hparams: dict[str, Any], epoch: int | None = None,
+                    init: dict[str, Any] | None = None) -> Path:
+    """Write atomically (a crash never leaves a half-written checkpoint). ``init``: where training
+    started from (``{"source", "sha256", ...}``), kept as JSON in the ``init`` metadata field."""
     from safetensors.torch import save_file
 
     metadata = {"zsad_format": FORMAT_VERSION, "method": method, "backbone": backbone,
                 "trained_on": trained_on, "hparams": json.dumps(hparams, default=list),
                 "zsad_version": __version__, "epoch": "" if epoch is None else str(epoch)}
+    if init is not None:
+        metadata["init"] = json.dumps(init)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedCheckpoint:

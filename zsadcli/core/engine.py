@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from zsadcli.console import err_console, esc, log
 from zsadcli.core import distributed, hub
-from zsadcli.core.backbone import load_backbone
+from zsadcli.core.backbone import check_input_size, load_backbone, peek_patch_size
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
@@ -103,11 +103,17 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
     hparams.update(spec.hparams)
     if spec.class_name and not cls.uses_class_name:
         raise BadInput(f"--class-name does not apply to {cls.name}: its prompts are class-agnostic.")
-    if spec.image_size:
+    if spec.image_size is not None:
         hparams["image_size"] = spec.image_size
+    cls.check_hparam_values(spec.hparams)
     source = spec.backbone_file or spec.backbone or cls.backbone_key
+    input_size = hparams.get("image_size", cls.image_size)
+    patch = peek_patch_size(source)  # checked before ~1 GB of weights load, where a header tells
+    if patch:
+        check_input_size(input_size, patch, str(source))
     device = distributed.local_device(spec.device)  # cuda:LOCAL_RANK under torchrun
     backbone = _shared_backbone(source, cls.quick_gelu, device, spec.dtype)
+    check_input_size(input_size, backbone.arch.patch_size, str(source))
     method = cls(backbone, hparams, spec.ablate)
     if checkpoint is not None and checkpoint.kind == "zsad":
         method.load_checkpoint_state(checkpoint.tensors)
@@ -305,10 +311,11 @@ def epoch_checkpoint(run: Path, epoch: int) -> Path:
 
 def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size: int, lr: float,
                  resume: bool, trained_on: str, backbone_name: str, seed: int = 0,
-                 workers: int | None = 0) -> list[dict[str, float]]:
+                 workers: int | None = 0, init: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """The authors' loop: Adam on the method's trainable parameters, shuffled batches, a checkpoint
     per epoch (atomic). ``resume`` continues after the last completed epoch with the optimizer
     and RNG states saved beside it, so an interrupted run ends where an uninterrupted one would.
+    ``init`` (source and sha256 of the weights training started from) goes into every checkpoint.
 
     Under torchrun: DistributedDataParallel over the trainable parameters (the frozen backbone is
     neither synchronised nor reduced), a DistributedSampler seeded with ``seed``, ``batch_size``
@@ -327,6 +334,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
         method.to(device)
         optimizer = method.make_optimizer(lr)
         optimizer.load_state_dict(state["optimizer"])
+        for group, wanted in zip(optimizer.param_groups, method.make_optimizer(lr).param_groups):
+            group["lr"] = wanted["lr"]  # the saved state holds the old rate; an allowed change takes effect
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         log(f"resuming after epoch {start} of {epochs}")
@@ -375,7 +384,8 @@ def train_method(method: Method, dataset, run: Path, *, epochs: int, batch_size:
             history.append({"epoch": epoch, **means})
             if here.is_writer:
                 save_checkpoint(epoch_checkpoint(run, epoch), method.checkpoint_state(), method=method.name,
-                                backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch)
+                                backbone=backbone_name, trained_on=trained_on, hparams=method.hparams, epoch=epoch,
+                                init=init)
                 from zsadcli.atomic import atomic_path
 
                 with atomic_path(state_path) as tmp:

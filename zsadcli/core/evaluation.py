@@ -15,6 +15,7 @@ from zsadcli.core.methods import Method
 from zsadcli.core.report_data import ReportCollector
 from zsadcli.data.dataset import MetaDataset
 from zsadcli.data.meta import Meta
+from zsadcli.data.validate import split_notes
 
 IMAGE_COLUMNS = ("auroc", "ap", "f1_max")
 PIXEL_COLUMNS = ("auroc", "ap", "f1_max", "aupro")
@@ -90,8 +91,10 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     finished = store.finished(name) if store is not None else {}
-    for cls, items in meta["test"].items():
-        if classes and cls not in classes:
+    chosen = {cls: items for cls, items in meta["test"].items() if not classes or cls in classes}
+    result.notes.extend(split_notes(chosen))  # empty classes are skipped; unmasked anomalies flagged
+    for cls, items in chosen.items():
+        if not items:
             continue
         if cls in finished:
             result.per_class[cls] = finished[cls]

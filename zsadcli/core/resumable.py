@@ -20,7 +20,8 @@ from typing import Any
 
 from zsadcli.atomic import write_text_atomic
 from zsadcli.core import distributed
-from zsadcli.errors import BadInput, ZsadError
+from zsadcli.console import esc, log
+from zsadcli.errors import BadInput, WriteFailed, ZsadError
 
 SCHEMA = 1
 PARTIAL = "partial"
@@ -46,6 +47,7 @@ class ClassResults:
         self.folder = self.run / PARTIAL
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
         self.resume = resume
+        self.unsaved = False  # set when saving a class failed: no further tries
         distributed.from_writer(self._open)
         _hold(self.run)
 
@@ -91,10 +93,18 @@ class ClassResults:
         return distributed.from_writer(read)
 
     def save(self, dataset: str, cls: str, result: dict[str, Any]) -> None:
-        if distributed.is_writer():
+        """Keep a finished class for --resume. A class that cannot be kept (disk full) costs only the
+        ability to resume: the eval goes on, warns once, and its end still saves the results."""
+        if not distributed.is_writer() or self.unsaved:
+            return
+        try:
             self._header()
             write_text_atomic(self.folder / dataset / _file_name(cls),
                               json.dumps({"class": cls, "result": result}, default=_plain) + "\n")
+        except WriteFailed as exc:
+            self.unsaved = True
+            log(f"[yellow]warning:[/] finished classes cannot be kept for --resume ({esc(exc.message)}); "
+                "the eval goes on")
 
     def close(self) -> None:
         """After metrics.json is written: the partial results are no longer needed."""

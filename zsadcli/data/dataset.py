@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from zsadcli.data.images import load_mask, open_image
 from zsadcli.data.meta import MetaItem, resolve_item_path
+from zsadcli.data.validate import check_mask_sizes
 
 
 class MetaDataset(Dataset):
@@ -27,6 +28,7 @@ class MetaDataset(Dataset):
         self.preprocess = preprocess
         self.size = size
         self.mask_resample = mask_resample
+        check_mask_sizes(root, items)  # a mask that does not fit its image stops the run before any compute
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,16 +53,22 @@ def dataset_names(spec: str) -> list[str]:
 
 
 
-def auxiliary_items(data_root: str | os.PathLike, spec: str) -> list[tuple[Path, list[MetaItem]]]:
+def auxiliary_items(data_root: str | os.PathLike, spec: str, notes: list[str] | None = None
+                    ) -> list[tuple[Path, list[MetaItem]]]:
     """(root, test items) of each dataset named in ``spec`` (DATA_ROOT/<name>/meta.json): the
-    official trainers learn on the auxiliary sets' test splits. Missing or empty sets fail here."""
+    official trainers learn on the auxiliary sets' test splits. Missing or empty sets fail here;
+    ``notes`` receives the split's notes (empty classes skipped, unmasked anomalies)."""
     from zsadcli.data.meta import load_meta
+    from zsadcli.data.validate import split_notes
     from zsadcli.errors import BadInput
 
     sources = []
     for name in dataset_names(spec):
         root = Path(data_root) / name
-        items = [item for items in load_meta(root)["test"].values() for item in items]
+        classes = load_meta(root)["test"]
+        if notes is not None:
+            notes.extend(f"{name}: {note}" for note in split_notes(classes))
+        items = [item for items in classes.values() for item in items]
         if not items:
             raise BadInput(f"{root}/meta.json has no test items to train on.")
         sources.append((root, items))

@@ -14,6 +14,7 @@ from typing import Any
 
 from zsadcli import __version__
 from zsadcli.atomic import refuse_overwrite, write_text_atomic
+from zsadcli.outputs import check_output_dir
 from zsadcli.data.converters import CONVERTERS, Converter, LayoutNotFound, Problem
 from zsadcli.data.meta import Meta, meta_path, write_meta
 from zsadcli.data.validate import validate_items
@@ -85,6 +86,8 @@ def prepare_dataset(dataset: str, root: str | Path, *, force: bool = False, dry_
         raise BadInput(f"dataset root {root} is not a folder.", hint=f"pass the folder that holds {dataset}")
     if not dry_run:
         refuse_overwrite(meta_path(root), force, "meta.json")
+        if root.is_dir() or dataset == "synthetic":  # meta.json (and synthetic's images) must be writable
+            check_output_dir(root, "dataset root")
     if converter.generates:
         if dry_run:  # generate where it does no harm, to report what would be written
             with tempfile.TemporaryDirectory(prefix="zsad-dry-run-") as tmp:

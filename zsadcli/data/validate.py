@@ -12,7 +12,7 @@ from pathlib import Path
 
 from zsadcli.data.converters.base import Problem
 from zsadcli.data.images import image_size, open_mask
-from zsadcli.data.meta import Meta, load_meta, resolve_item_path
+from zsadcli.data.meta import Meta, MetaItem, load_meta, resolve_item_path
 from zsadcli.errors import BadInput
 
 
@@ -57,6 +57,46 @@ def validate_items(root: str | os.PathLike, meta: Meta, *, decode_masks: bool = 
                     problems.append(Problem(item.mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image "
                                                             f"{item.img_path} is {image_size[0]}x{image_size[1]}"))
     return problems
+
+
+_CHECKED_PAIRS: set[tuple[str, str]] = set()
+
+
+def check_mask_sizes(root: str | os.PathLike, items: list[MetaItem]) -> None:
+    """Exit 2 naming the first image/mask pair whose sizes differ; headers only (no decoding), each
+    pair once per process. Unreadable files are left to the loader, which names them."""
+    for item in items:
+        if not item.mask_path:
+            continue
+        image, mask = resolve_item_path(root, item.img_path), resolve_item_path(root, item.mask_path)
+        key = (str(image), str(mask))
+        if key in _CHECKED_PAIRS or mask.is_dir():
+            continue
+        try:  # the sizes zsad scores with (EXIF rotation applied), from the headers
+            image_dims, mask_dims = image_size(image), image_size(mask, "mask")
+        except BadInput:
+            continue
+        if image_dims != mask_dims:
+            raise BadInput(f"mask {mask} is {mask_dims[0]}x{mask_dims[1]} but its image {image} is "
+                           f"{image_dims[0]}x{image_dims[1]}.",
+                           hint=f"fix or remove the pair; `zsad prepare --check {root}` lists every problem")
+        _CHECKED_PAIRS.add(key)
+
+
+def split_notes(classes: dict[str, list[MetaItem]]) -> list[str]:
+    """The one rule for classes a split cannot use as is, shared by eval, train and prepare --check:
+    an empty class is skipped (with this note), and in a pixel-level dataset (some anomalous item
+    has a mask) anomalous items without ``mask_path`` get one warning per class (their pixels count
+    as normal)."""
+    notes = [f"class {cls} has no items: skipped" for cls, items in classes.items() if not items]
+    pixel_level = any(item.anomaly and item.mask_path for items in classes.values() for item in items)
+    if pixel_level:
+        for cls, items in classes.items():
+            unmasked = [item.img_path for item in items if item.anomaly and not item.mask_path]
+            if unmasked:
+                notes.append(f"class {cls}: {len(unmasked)} anomalous image(s) have no mask_path (e.g. "
+                             f"{unmasked[0]}); their pixels count as normal")
+    return notes
 
 
 def check_meta(root: str | os.PathLike) -> tuple[Meta, list[Problem]]:

@@ -91,6 +91,35 @@ class Method(nn.Module):
         self._cache: dict[Hashable, Any] = {}
         self.batch_class_names: list[str] | None = None
 
+    @classmethod
+    def check_hparam_values(cls, values: dict[str, Any], origin: str = "--hparam") -> None:
+        """Refuse a value whose type does not fit the hyperparameter's default (exit 2 naming the key):
+        a bool for a bool, an integer for an int, a finite number for a float, a list for a tuple or
+        list, text for text; a hyperparameter whose default is None takes any value."""
+        import math
+
+        from zsadcli.errors import BadInput
+
+        for key, value in values.items():
+            if key not in cls.defaults or cls.defaults[key] is None:
+                continue  # unknown keys are refused by __init__ with the list of known ones
+            default = cls.defaults[key]
+            if isinstance(default, bool):
+                ok, want = isinstance(value, bool), "true or false"
+            elif isinstance(default, int):
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif isinstance(default, float):
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value))
+                want = "a finite number"
+            elif isinstance(default, (tuple, list)):
+                ok, want = isinstance(value, (tuple, list)), "a list, e.g. [1, 2]"
+            else:
+                ok, want = isinstance(value, type(default)), f"a {type(default).__name__}"
+            if not ok:
+                raise BadInput(f"{origin} {key}={value!r}: {cls.name}'s {key} must be {want} "
+                               f"(default {default!r}).")
+
     # ----------------------------------------------------------------- inference
     uses_class_name: ClassVar[bool] = False  # class-aware prompts (WinCLIP, CLIP-AD)
 
@@ -156,7 +185,8 @@ class Method(nn.Module):
 
     def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         assert self.recipe is not None
-        return torch.optim.Adam(self.trainable_parameters(), lr=lr or self.recipe.lr, betas=self.recipe.betas)
+        return torch.optim.Adam(self.trainable_parameters(), lr=self.recipe.lr if lr is None else lr,
+                                betas=self.recipe.betas)
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -172,6 +202,13 @@ class Method(nn.Module):
 
             raise BadInput(f"checkpoint tensors do not fit {self.name}: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}.")
+        wrong = [f"{k} {tuple(state[k].shape)} (needs {tuple(own[k].shape)})" for k in own
+                 if tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"checkpoint tensors do not fit this {self.name} and backbone: {', '.join(wrong[:3])}.",
+                           hint="was it trained with another backbone or other hyperparameters?")
         self.load_state_dict({**{f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}, **state})
         self.invalidate_caches()
 

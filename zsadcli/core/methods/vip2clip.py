@@ -258,7 +258,7 @@ class ViP2CLIP(Method):
     def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         """Adam with two groups: ICA at lr, FGP at lr x 0.01 (1e-3 and 1e-5 in the recipe)."""
         assert self.recipe is not None
-        lr = lr or self.recipe.lr
+        lr = self.recipe.lr if lr is None else lr
         groups = [{"params": [p for p in self.ica.parameters() if p.requires_grad], "lr": lr},
                   {"params": [p for p in self.fgp.parameters() if p.requires_grad],
                    "lr": lr * float(self.hparams["fgp_lr_scale"])}]
