@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from zsadcli import __version__
-from zsadcli.commands import ablate, doctor, eval as eval_cmd, predict, prepare, train, weights
+from zsadcli.commands import ablate, doctor, eval as eval_cmd, export as export_cmd, predict, prepare, train, weights
 from zsadcli.commands.common import (DeviceOpt, GlobalOptions, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt,
                                      guard, merge_options)
 
@@ -49,6 +49,7 @@ app.command("train")(guard(train.train))
 app.command("eval")(guard(eval_cmd.evaluate))
 app.command("predict")(guard(predict.predict))
 app.command("ablate")(guard(ablate.ablate))
+app.command("export")(guard(export_cmd.export))
 app.add_typer(weights.app, name="weights")
 app.command("doctor")(guard(doctor.doctor))
 

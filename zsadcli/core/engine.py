@@ -18,6 +18,7 @@ from zsadcli.core import hub
 from zsadcli.core.backbone import load_backbone
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
+from zsadcli.core.runtime import Runner, as_runner
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
 from zsadcli.errors import BadInput
 
@@ -46,11 +47,13 @@ class MethodSpec:
     require_weights: bool = True  # False only when training from scratch
     class_name: str | None = None  # fixed object name for class-aware prompts (else per dataset class)
     allow_pickle: bool = False  # UNSAFE: whole-object pickles (BSR-CLIP's authors' files)
+    model: str | None = None  # an exported model folder: it replaces everything above (core/runtime.py)
+    runtime_precision: str | None = None  # its runtime's precision (None: the folder's default)
 
 
 @dataclass
 class BuiltMethod:
-    method: Method
+    method: Method | Runner  # a Runner (core/runtime.py) for an exported model
     description: dict[str, Any]
 
 
@@ -78,6 +81,11 @@ def _shared_backbone(source: str, quick_gelu: bool, device: torch.device, dtype:
 
 
 def build_method(spec: MethodSpec) -> BuiltMethod:
+    if spec.model:
+        from zsadcli.core.runtime import load_exported
+
+        runner = load_exported(spec.model, spec.runtime_precision)
+        return BuiltMethod(runner, runner.description)
     cls = get_method(spec.method)
     checkpoint = None
     if spec.checkpoint:
@@ -155,30 +163,31 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict_paths(method: Method, paths: list[Path], batch_size: int = 1) -> Iterator[Prediction]:
-    """Score images. Every image is decoded once up front, so a bad file stops the run (exit 2)
-    before any output is written; images are decoded again batch by batch to keep memory flat."""
+def predict_paths(method: Method | Runner, paths: list[Path], batch_size: int = 1) -> Iterator[Prediction]:
+    """Score images (with a torch Method or an exported model's Runner). Every image is decoded once
+    up front, so a bad file stops the run (exit 2) before any output is written; images are decoded
+    again batch by batch to keep memory flat."""
     for path in paths:
         open_image(path)
-    device = next(method.parameters()).device
+    runner = as_runner(method)
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=len(paths), info="")
         for start in range(0, len(paths), batch_size):
             chunk = [open_image(p) for p in paths[start:start + batch_size]]
-            batch = torch.stack([method.preprocess(img) for img in chunk]).to(device)
-            out = method(batch)
+            batch = torch.stack([runner.preprocess(img) for img in chunk])
+            out = runner.run(batch)
             for offset, img in enumerate(chunk):
                 yield Prediction(paths[start + offset], img, float(out.image_score[offset]),
                                  out.anomaly_map[offset].float().cpu().numpy())
             bar.advance(task, len(chunk))
 
 
-def run_batches(method: Method, loader: DataLoader, description: str) -> Iterator[tuple[dict, MethodOutput]]:
-    device = next(method.parameters()).device
+def run_batches(method: Method | Runner, loader: DataLoader, description: str) -> Iterator[tuple[dict, MethodOutput]]:
+    runner = as_runner(method)
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(loader.dataset), info="")
         for batch in loader:
-            yield batch, method(batch["image"].to(device))
+            yield batch, runner.run(batch["image"])
             bar.advance(task, len(batch["label"]))
 
 

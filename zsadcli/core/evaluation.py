@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from zsadcli.core import metrics
 from zsadcli.core.engine import run_batches
 from zsadcli.core.methods import Method
+from zsadcli.core.runtime import Runner, as_runner
 from zsadcli.data.dataset import MetaDataset
 from zsadcli.data.meta import Meta
 
@@ -50,11 +51,13 @@ class DatasetResult:
         return out + [mean]
 
 
-def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
+def evaluate_dataset(method: Method | Runner, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
                      aupro_variant: str = "exact", classes: list[str] | None = None,
                      class_name: str | None = None) -> DatasetResult:
-    """``class_name`` fixes the object name of class-aware prompts; by default each class's own."""
+    """``method``: a torch Method or an exported model's Runner. ``class_name`` fixes the object
+    name of class-aware prompts; by default each class's own."""
     result = DatasetResult(name, aupro_variant)
+    method = as_runner(method)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     for cls, items in meta["test"].items():
