@@ -221,7 +221,9 @@ def method_options(*, exclude: frozenset[str] | set[str] = frozenset(), into: st
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            chosen = MethodOptions(**{n: kwargs.pop(n) for n in names if n in kwargs}, given=_given_options(names))
+            context = next((a for a in [*args, *kwargs.values()] if hasattr(a, "get_parameter_source")), None)
+            chosen = MethodOptions(**{n: kwargs.pop(n) for n in names if n in kwargs},
+                                   given=_given_options(context, names))
             return command(*args, **kwargs, **{into: chosen})
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -232,15 +234,13 @@ def method_options(*, exclude: frozenset[str] | set[str] = frozenset(), into: st
     return decorate
 
 
-def _given_options(names: list[str]) -> frozenset[str]:
-    """Which of ``names`` the command line set (not their defaults); empty outside a click context."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
+def _given_options(ctx, names: list[str]) -> frozenset[str]:
+    """Which of ``names`` the command line set (not their defaults); empty without the command's
+    (typer/click) context."""
     if ctx is None:
         return frozenset()
-    return frozenset(n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT))
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return frozenset(n for n, source in sources.items() if source is not None and source.name != "DEFAULT")
 
 
 def exported_model_spec(opts: GlobalOptions, options: MethodOptions, *, extra_hparams: Optional[dict] = None):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,7 +37,7 @@ def export(
     chosen = opts.precision if opts.precision_given else None
     spec = method_options.spec(replace(opts, device="cpu", precision="fp32"))  # captured in fp32 on the CPU
     built = build_method(spec)
-    card = export_method(built.method, built.description, spec, fmt=fmt, out=out, precision=chosen, force=force)
+    card = export_method(built.method, built.description, spec, {fmt: out}, precision=chosen, force=force)[fmt]
     summary = {"model": str(out), "method": card.method, "format": card.format, "image_size": card.image_size,
                "precision": card.data["precision"], "files": card.files,
                "faithfulness_fp32": card.data.get("faithfulness_fp32")}

@@ -181,24 +181,29 @@ def _faithfulness(method: Method, runner, size: int) -> dict[str, float]:
             "max_abs_anomaly_map": float((got.anomaly_map - ref.anomaly_map.float()).abs().max())}
 
 
-def export_method(method: Method, description: dict[str, Any], spec: Any, *, fmt: str, out: Path,
-                  precision: str | None = None, force: bool = False) -> ModelCard:
-    """Write ``out``: the model file(s) and zsad-model.json; atomically (a temporary folder beside
-    ``out``, renamed when complete); an existing ``out`` only with ``force``."""
-    if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r}: choose openvino or onnx.")
+def export_method(method: Method, description: dict[str, Any], spec: Any, targets: dict[str, Path], *,
+                  precision: str | None = None, force: bool = False) -> dict[str, ModelCard]:
+    """Write one model folder per ``targets`` entry (format -> folder) from a single capture: the
+    model file(s) and zsad-model.json, atomically (a temporary folder beside it, renamed when
+    complete); an existing folder only with ``force``."""
+    unknown = [f for f in targets if f not in FORMATS]
+    if unknown or not targets:
+        raise BadInput(f"--format {', '.join(unknown) or '(none)'}: choose openvino or onnx.")
     if precision is not None and precision not in EXPORT_PRECISIONS:
         raise BadInput(f"--precision {precision!r}: an exported model runs fp32 or bf16.")
-    if fmt == "onnx" and precision == "bf16":
+    if "onnx" in targets and precision == "bf16":
         raise BadInput("--precision bf16: ONNX Runtime runs exported models in fp32 on the CPU.",
                        hint="use --format openvino for bf16, or --precision fp32")
-    require_extra(fmt, *(("openvino", "onnx", "onnxscript") if fmt == "openvino" else ("onnxruntime", "onnx", "onnxscript")))
+    for fmt in targets:
+        require_extra(fmt, *(("openvino", "onnx", "onnxscript") if fmt == "openvino" else
+                             ("onnxruntime", "onnx", "onnxscript")))
     parts = _blockers(method)
     if parts:
         raise BadInput(f"{method.name} cannot be exported as one graph: {'; '.join(parts)}.",
                        hint="run it with torch (predict/eval without --model), or change the setting named")
-    out = Path(out)
-    _check_target(out, force)
+    targets = {fmt: Path(out) for fmt, out in targets.items()}
+    for out in targets.values():
+        _check_target(out, force)
     size = method.input_size
     sources = source_digests(description, spec)
     log(f"capturing {method.name} at {size} px (batch size dynamic)")
@@ -208,20 +213,32 @@ def export_method(method: Method, description: dict[str, Any], spec: Any, *, fmt
         raise
     except Exception as exc:  # a method that does not capture is a bug to report, not bad input
         raise ZsadError(f"torch.export could not capture {method.name}: {type(exc).__name__}: {str(exc)[:400]}") from exc
+    scratch = Path(tempfile.mkdtemp(prefix="zsad-export-"))
+    try:
+        onnx_path = scratch / FORMATS["onnx"][0]
+        log("writing ONNX")
+        write_onnx(program, onnx_path)
+        return {fmt: _write_folder(method, fmt, out, onnx_path, sources=sources, precision=precision)
+                for fmt, out in targets.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_folder(method: Method, fmt: str, out: Path, onnx_path: Path, *, sources: dict[str, Any],
+                  precision: str | None) -> ModelCard:
+    size = method.input_size
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # a plain folder, not mkdtemp's private one
     try:
-        onnx_path = tmp / FORMATS["onnx"][0]
-        log("writing ONNX")
-        write_onnx(program, onnx_path)
         if fmt == "openvino":
             log("converting to OpenVINO IR")
             write_openvino(onnx_path, tmp / FORMATS["openvino"][0])
+        else:
             for name in FORMATS["onnx"]:
-                (tmp / name).unlink(missing_ok=True)
+                shutil.copyfile(onnx_path.with_name(name), tmp / name)
         files = {name: sha256_file(tmp / name) for name in FORMATS[fmt] if (tmp / name).is_file()}
         cls = type(method)
         preprocess = cls.preprocess_image.__func__  # type: ignore[attr-defined]
@@ -245,16 +262,15 @@ def export_method(method: Method, description: dict[str, Any], spec: Any, *, fmt
         from zsadcli.core.runs import write_json
 
         write_json(tmp / MODEL_CARD, card)
-        runner = load_exported(tmp, "fp32")
-        check = _faithfulness(method, runner, size)
+        check = _faithfulness(method, load_exported(tmp, "fp32"), size)
         card["faithfulness_fp32"] = check
         write_json(tmp / MODEL_CARD, card)
         if not (np.isfinite(check["max_abs_anomaly_map"]) and np.isfinite(check["max_abs_image_score"])):
             raise ZsadError(f"the exported {method.name} does not reproduce torch (non-finite differences).")
         if check["max_abs_anomaly_map"] > MAP_TOLERANCE or check["max_abs_image_score"] > SCORE_TOLERANCE:
-            log(f"[yellow]warning:[/] the exported {method.name} differs from torch fp32 by "
-                f"{check['max_abs_anomaly_map']:.2e} (map) / {check['max_abs_image_score']:.2e} (score) on the check "
-                f"batch, above {MAP_TOLERANCE:g} / {SCORE_TOLERANCE:g}")
+            log(f"[yellow]warning:[/] the exported {method.name} ({fmt}) differs from torch fp32 by "
+                f"{check['max_abs_anomaly_map']:.2e} (map) / {check['max_abs_image_score']:.2e} (score) on the "
+                f"check batch, above {MAP_TOLERANCE:g} / {SCORE_TOLERANCE:g}")
         _replace_folder(tmp, out)
     finally:
         if tmp.exists():

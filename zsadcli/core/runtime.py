@@ -270,8 +270,9 @@ class OpenVINORunner(ExportedRunner):
             config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[wanted]
         model = core.read_model(str(card.folder / FORMATS["openvino"][0]))
         self.compiled = core.compile_model(model, "CPU", config)
-        ran = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        ran = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(ran.lower().replace("<type: '", "").rstrip("'>"), ran)
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin actually runs
+        name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        ran = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(name, name)
         if wanted in RUNTIME_PRECISIONS and ran != wanted:
             raise BadInput(f"OpenVINO's CPU plugin does not run {wanted} on this machine (it runs {ran}).",
                            hint="use --precision fp32, or leave --precision out for the device's preference")

@@ -275,6 +275,12 @@ class ClipAD(Method):
             anomaly = gaussian_smooth(anomaly.detach(), self.sigma).to(anomaly.device)
         return MethodOutput(image_score=image_score, anomaly_map=anomaly)
 
+    def export_blockers(self) -> list[str]:
+        if self.hparams["transductive"]:
+            return ["the transductive image-score fusion (transductive=true) needs the scores of a whole test "
+                    "class, not one image"]
+        return []
+
     # ------------------------------------------------------------------ transductive fusion
     def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Official protocol: min-max(CLS score) + min-max(map max) over all test images of a class."""

@@ -399,6 +399,13 @@ class Crane(Method):
         features = F.normalize(features, dim=-1)
         return features.view(2, batch, -1).transpose(0, 1)
 
+    def export_blockers(self) -> list[str]:
+        prob = float(self.hparams["context_prob_test"])
+        if 0 < prob < 1:
+            return [f"context-guided prompts drawn at random per call (context_prob_test={prob:g}); a graph "
+                    "needs 0 (static prompts) or 1 (always per image)"]
+        return []
+
     def text_features(self, image_embedding: torch.Tensor) -> torch.Tensor:
         prob = float(self.hparams["context_prob_train" if self.training else "context_prob_test"])
         if prob > 0:
