@@ -62,7 +62,12 @@ def _blockers(method: Method) -> list[str]:
 
 def capture(method: Method, size: int) -> torch.export.ExportedProgram:
     """torch.export of ``method`` at input size ``size`` with a dynamic batch dimension."""
-    wrapper = ScoreAndMap(method).eval()  # eval() first: it drops the method's caches
+    return capture_module(ScoreAndMap(method), size)
+
+
+def capture_module(module: nn.Module, size: int) -> torch.export.ExportedProgram:
+    """torch.export of any module over (B, 3, size, size) images, after one warm-up pass."""
+    wrapper = module.eval()  # eval() first: it drops a method's caches
     example = torch.randn(_EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         wrapper(example)  # fills the caches the graph takes as constants
