@@ -126,8 +126,10 @@ def exported(weights, tmp_path_factory):
                     assert result.exit_code == 0, result.output
             else:
                 method = torch_method(name, weights)
-                description = {"checkpoint": None, "hparams": method.hparams}
-                spec = MethodSpec(name, backbone_file=str(weights["clip"]))
+                args = method_args(name, weights)
+                opts = dict(zip(args[::2], args[1::2]))
+                description = {"checkpoint": opts.get("--checkpoint"), "hparams": method.hparams}
+                spec = MethodSpec(name, backbone_file=opts["--backbone-file"])
                 export_method(method, description, spec, targets, precision="fp32")
             _EXPORTED[name] = targets
         return _EXPORTED[name]

@@ -260,7 +260,10 @@ def exported_model_spec(opts: GlobalOptions, options: MethodOptions, *, extra_hp
                        hint="use --device cpu, or run the torch method (--method) on that device")
     import torch
 
-    return MethodSpec(method="", model=options.model, device=torch.device("cpu"),
+    from zsadcli.core.runtime import read_model_card
+
+    method = read_model_card(options.model, verify=False).method  # a folder that is not an export: exit 2 here
+    return MethodSpec(method=method, model=options.model, device=torch.device("cpu"),
                       runtime_precision=opts.precision if opts.precision_given else None)
 
 
