@@ -225,3 +225,20 @@ def test_released_checkpoints_and_protocol():
         assert entry.sha256 == sha and entry.extra["method"] == "adaclip" and entry.format == "authors"
     assert cls.protocol_train_on("mvtec") == cls.protocol_train_on("colondb") == "visa,clinicdb"
     assert cls.protocol_train_on("visa") == cls.protocol_train_on("btad") == "mvtec,colondb"
+
+
+def test_calibrate_then_predict_decisions(tiny_registry, authors_file, synthetic_root, tmp_path):
+    """`zsad calibrate` works for AdaCLIP like for every method: the card's thresholds label predict's images."""
+    weights = ["--method", "adaclip", "--backbone-file", str(tiny_registry["payload"]), "--checkpoint",
+               str(authors_file), "--image-size", "112", "--device", "cpu"]
+    runner = CliRunner()
+    made = runner.invoke(app, ["calibrate", *weights, "--normal", str(synthetic_root / "disc/test/good"),
+                               "--target-fpr", "0.2", "--out", str(tmp_path / "card.json")])
+    assert made.exit_code == 0, made.output
+    images = [str(p) for p in sorted((synthetic_root / "disc/test").rglob("*.png"))[:3]]
+    result = runner.invoke(app, ["predict", *images, *weights, "--calibration", str(tmp_path / "card.json"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 3
+    assert all(r["label"] == ("anomalous" if r["image_score"] >= r["threshold"] else "normal") for r in records)

@@ -269,3 +269,23 @@ def test_train_on_mvtec_uses_the_recipe_then_predict(backbone_file, clip, synthe
     saved = np.load(raw / f"{image.stem}.npy")
     assert saved.dtype == np.float32 and saved.shape == (56, 56)
     assert np.abs(saved - maps[0]).max() <= 1e-4 and abs(record["image_score"] - float(scores[0])) <= 1e-5
+
+
+def test_calibrate_then_predict_decisions(backbone_file, heads_file, synthetic_root, tmp_path):
+    """`zsad calibrate` works for April-GAN like for every method: the card's thresholds label predict's images."""
+    weights = ["--method", "aprilgan", "--backbone-file", str(backbone_file), "--checkpoint", str(heads_file),
+               "--image-size", "56", "--device", "cpu", "--class-name", "disc"]
+    good = str(synthetic_root / "disc/test/good")
+    runner = CliRunner()
+    made = runner.invoke(app, ["calibrate", *weights, "--normal", good, "--target-fpr", "0.2",
+                               "--out", str(tmp_path / "card.json")])
+    assert made.exit_code == 0, made.output
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["method"] == "aprilgan" and np.isfinite(card["image_threshold"])
+    images = [str(p) for p in sorted((synthetic_root / "disc/test").rglob("*.png"))[:4]]
+    result = runner.invoke(app, ["predict", *images, *weights, "--calibration", str(tmp_path / "card.json"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 4
+    assert all(r["label"] == ("anomalous" if r["image_score"] >= r["threshold"] else "normal") for r in records)

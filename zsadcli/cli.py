@@ -4,7 +4,8 @@ from __future__ import annotations
 import typer
 
 from zsadcli import __version__
-from zsadcli.commands import ablate, calibrate, doctor, eval as eval_cmd, predict, prepare, report, train, weights
+from zsadcli.commands import (ablate, calibrate, doctor, eval as eval_cmd, export as export_cmd, predict, prepare,
+                              report, train, weights)
 from zsadcli.commands.common import (DeviceOpt, GlobalOptions, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, QuietOpt,
                                      SeedOpt, guard, merge_options)
 
@@ -51,6 +52,7 @@ app.command("train")(guard(train.train))
 app.command("eval")(guard(eval_cmd.evaluate))
 app.command("predict")(guard(predict.predict))
 app.command("ablate")(guard(ablate.ablate))
+app.command("export")(guard(export_cmd.export))
 app.command("calibrate")(guard(calibrate.calibrate))
 app.command("report")(guard(report.report))
 app.add_typer(weights.app, name="weights")

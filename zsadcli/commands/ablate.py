@@ -48,6 +48,8 @@ def ablate(
     from zsadcli.data.meta import load_meta
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
+    method_options.refuse_model("ablate", "it rebuilds the method with each module switched off, and an exported "
+                                          "model is one fixed graph")
     method, checkpoint, train_on = method_options.method, method_options.checkpoint, method_options.train_on
     cls = get_method(method)
     if list_switches:

@@ -108,6 +108,7 @@ class GlobalOptions:
     json: bool = False
     quiet: bool = False
     max_image_pixels: Optional[int] = None  # root option only (`zsad --max-image-pixels N CMD`)
+    precision_given: bool = False  # --precision was on the command line (an exported model's default differs)
 
 
 def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision: Optional[str] = None,
@@ -121,7 +122,8 @@ def merge_options(ctx: typer.Context, *, device: Optional[str] = None, precision
                      seed=seed if seed is not None else base.seed,
                      json=json or base.json,
                      quiet=quiet or base.quiet,
-                     max_image_pixels=max_image_pixels if max_image_pixels is not None else base.max_image_pixels)
+                     max_image_pixels=max_image_pixels if max_image_pixels is not None else base.max_image_pixels,
+                     precision_given=bool(precision) or base.precision_given)
     from zsadcli.core.distributed import is_writer
 
     set_quiet(merged.quiet or not is_writer())  # under torchrun only rank 0 logs and shows progress
@@ -182,6 +184,9 @@ AllowPickleOpt = Annotated[bool, typer.Option(
 HparamOpt = Annotated[Optional[list[str]], typer.Option(
     "--hparam", help="Override a method hyperparameter, KEY=VALUE (repeatable; VALUE parsed as YAML).",
     show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Run an exported model folder (`zsad export`) with OpenVINO or ONNX Runtime instead of torch; "
+                    "it fixes the method and its weights.", show_default=False)]
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,22 @@ class MethodOptions:
     reference: Optional[str] = None
     allow_pickle: bool = False
     hparam: Optional[list[str]] = None
+    model: Optional[str] = None
+    given: frozenset[str] = frozenset()  # the options given on the command line (set by @method_options)
+
+    def conflicts_with_model(self) -> list[str]:
+        """The options given beside --model: an exported model fixes all of them."""
+        defaults = MethodOptions()
+        return [f"--{name.replace('_', '-')}" for name in _METHOD_OPTION_DECLARATIONS
+                if name != "model" and (name in self.given or getattr(self, name) != getattr(defaults, name))]
+
+    def refuse_model(self, command: str, why: str) -> None:
+        """For commands that cannot run an exported model (e.g. ablate): exit 2 when --model is given."""
+        if self.model:
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"`zsad {command}` does not take --model: {why}.",
+                           hint="give --method and its weights (--checkpoint / --train-on) instead")
 
     def hparams(self) -> dict:
         """The hyperparameter overrides the method-specific options and --hparam stand for."""
@@ -213,7 +234,10 @@ class MethodOptions:
 
     def spec(self, opts: GlobalOptions, *, require_weights: bool = True, extra_hparams: Optional[dict] = None,
              ablate: Optional[list[str]] = None):
-        """The MethodSpec these options describe (``ablate`` overrides --ablate, e.g. for ablation variants)."""
+        """The MethodSpec these options describe (``ablate`` overrides --ablate, e.g. for ablation variants).
+        With --model: a spec naming the exported folder; any weight/method option beside it is exit 2."""
+        if self.model:
+            return exported_model_spec(opts, self, extra_hparams=extra_hparams)
         return method_spec(opts, method=self.method, checkpoint=self.checkpoint, train_on=self.train_on,
                            backbone=self.backbone, backbone_file=self.backbone_file, image_size=self.image_size,
                            ablate=self.ablate if ablate is None else ablate, require_weights=require_weights,
@@ -239,6 +263,7 @@ _METHOD_OPTION_DECLARATIONS: dict[str, tuple[object, object]] = {
     "reference": (ReferenceOpt, None),
     "allow_pickle": (AllowPickleOpt, False),
     "hparam": (HparamOpt, None),
+    "model": (ModelOpt, None),
 }
 
 
@@ -267,7 +292,9 @@ def method_options(*, exclude: frozenset[str] | set[str] = frozenset(), into: st
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            chosen = MethodOptions(**{n: kwargs.pop(n) for n in names if n in kwargs})
+            context = next((a for a in [*args, *kwargs.values()] if hasattr(a, "get_parameter_source")), None)
+            chosen = MethodOptions(**{n: kwargs.pop(n) for n in names if n in kwargs},
+                                   given=_given_options(context, names))
             return command(*args, **kwargs, **{into: chosen})
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -276,6 +303,39 @@ def method_options(*, exclude: frozenset[str] | set[str] = frozenset(), into: st
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _given_options(ctx, names: list[str]) -> frozenset[str]:
+    """Which of ``names`` the command line set (not their defaults); empty without the command's
+    (typer/click) context."""
+    if ctx is None:
+        return frozenset()
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return frozenset(n for n, source in sources.items() if source is not None and source.name != "DEFAULT")
+
+
+def exported_model_spec(opts: GlobalOptions, options: MethodOptions, *, extra_hparams: Optional[dict] = None):
+    """The MethodSpec of ``--model DIR``: the folder decides the method, weights and settings, the
+    runtime runs on the CPU; --precision (if given) picks the runtime's precision."""
+    from zsadcli.core.engine import MethodSpec
+    from zsadcli.errors import BadInput
+
+    conflicts = options.conflicts_with_model() + (
+        [f"settings {', '.join(sorted(extra_hparams))}"] if extra_hparams else [])
+    if conflicts:
+        raise BadInput(f"--model {options.model} runs an exported model, which fixes the method, its weights and "
+                       f"settings; {', '.join(conflicts)} cannot change it.",
+                       hint="drop those options, or export another model with them (`zsad export`)")
+    if (opts.device or "auto") not in ("auto", "cpu"):
+        raise BadInput(f"--device {opts.device}: exported models run on the CPU (OpenVINO / ONNX Runtime).",
+                       hint="use --device cpu, or run the torch method (--method) on that device")
+    import torch
+
+    from zsadcli.core.runtime import read_model_card
+
+    method = read_model_card(options.model, verify=False).method  # a folder that is not an export: exit 2 here
+    return MethodSpec(method=method, model=options.model, device=torch.device("cpu"),
+                      runtime_precision=opts.precision if opts.precision_given else None)
 
 
 def method_hparams(*, rep_vec: Optional[str] = None, dino_file: Optional[str] = None,

@@ -134,18 +134,25 @@ def evaluate(
     datasets = comma_list(test_on, "--test-on")
     if not datasets:
         raise BadInput("--test-on names no dataset.")
+    if method_options.model:  # an exported model names its method (and fixes its weights: no protocol)
+        from zsadcli.core.runtime import read_model_card
+
+        method = read_model_card(method_options.model, verify=False).method
     cls = get_method(method)
     metas = {d: load_meta(data_root / d) for d in datasets}  # fail on a missing meta.json before any work
-    run = run_dir("eval", name or f"{method}-{checkpoint and Path(checkpoint).stem or train_on or 'protocol'}-"
-                  f"{'_'.join(datasets)}", root=runs_root, force=force, resume=resume)
+    weights = (checkpoint and Path(checkpoint).stem or train_on
+               or (method_options.model and Path(method_options.model).name))
+    run = run_dir("eval", name or f"{method}-{weights or 'protocol'}-{'_'.join(datasets)}", root=runs_root,
+                  force=force, resume=resume)
     base = method_options.spec(opts, extra_hparams={"transductive": True} if clip_ad_transductive else None)
+    options = {k: v for k, v in vars(method_options).items() if k != "given"}  # what was given varies, not what is
     store = ClassResults(run, {"test_on": datasets, "data_root": str(data_root), "aupro": aupro, "classes": classes,
-                               "batch_size": batch_size, "precision": opts.precision, "method": vars(method_options),
+                               "batch_size": batch_size, "precision": opts.precision, "method": options,
                                "clip_ad_transductive": clip_ad_transductive, "calibration": card}, resume=resume)
     results, configs, built, built_for = [], {}, None, None
     for dataset in datasets:
         spec = base
-        if cls.recipe is not None and not (checkpoint or train_on):
+        if cls.recipe is not None and not (checkpoint or train_on or method_options.model):
             chosen = cls.protocol_train_on(dataset)
             if chosen is None:
                 raise BadInput(f"no released {method} weights for the protocol on {dataset}.",

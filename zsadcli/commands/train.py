@@ -12,7 +12,7 @@ from zsadcli.console import emit_json, esc, log
 from zsadcli.errors import BadInput
 
 
-@method_options(exclude={"checkpoint", "train_on", "class_name", "reference", "allow_pickle"})
+@method_options(exclude={"checkpoint", "train_on", "class_name", "reference", "allow_pickle", "model"})
 def train(
     ctx: typer.Context,
     method_options: MethodOptions,

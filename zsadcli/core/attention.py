@@ -101,7 +101,7 @@ def dual_block(block: nn.Module, x: torch.Tensor, alt: torch.Tensor | None,
     alternate = ALT_ATTENTIONS[path.attention](q, k, v)
     out_proj = block.attn.out_proj
     both = F.linear(merge_heads(torch.cat([original, alternate])), out_proj.weight, out_proj.bias)
-    original_out, alternate_out = both.chunk(2)
+    original_out, alternate_out = both[:q.shape[0]], both[q.shape[0]:]  # (slices keep an exported batch dynamic)
     x_next = x + block.ls_1(original_out)
     if post_attn is not None:
         post_attn["original"] = x_next
@@ -118,7 +118,7 @@ def dual_attention(block: nn.Module, h_in: torch.Tensor, attention: str = "vv") 
     alternate = ALT_ATTENTIONS[attention](q, k, v)
     out_proj = block.attn.out_proj
     both = F.linear(merge_heads(torch.cat([original, alternate])), out_proj.weight, out_proj.bias)
-    original_out, alternate_out = both.chunk(2)
+    original_out, alternate_out = both[:q.shape[0]], both[q.shape[0]:]  # (slices keep an exported batch dynamic)
     return block.ls_1(original_out), block.ls_1(alternate_out)
 
 

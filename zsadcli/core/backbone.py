@@ -220,6 +220,12 @@ class ClipBackbone(nn.Module):
         (align_corners False, no antialias; ``"<mode>+antialias"`` antialiases, as open_clip's
         ``resize_pos_embed`` does), the CLS position untouched. Cached per grid."""
         pos = self.visual.positional_embedding
+        from zsadcli.core.graph import capturing
+
+        if capturing():  # a graph takes the grid computed before capture as a constant
+            for (c_grid, c_mode, c_dtype, c_device, _), cached in self._pos_cache.items():
+                if (c_grid, c_mode, c_dtype, c_device) == (grid, mode, pos.dtype, pos.device):
+                    return cached
         key = (grid, mode, pos.dtype, pos.device, pos.data_ptr())
         cached = self._pos_cache.get(key)
         if cached is not None:

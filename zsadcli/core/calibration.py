@@ -185,8 +185,21 @@ def _canonical(value: Any) -> Any:
 def weights_identity(description: Mapping[str, Any]) -> dict[str, Any]:
     """What the scores depend on, from a built method's description (engine.build_method): the
     method, its hyperparameters (image size included), ablations, and the sha256 of the backbone
-    and checkpoint files. Paths are kept for the reader but never compared."""
+    and checkpoint files. Paths are kept for the reader but never compared.
+
+    An exported model (``--model DIR``) is identified by the same things, read from its model card
+    (the sha256 of the backbone and checkpoint it was made from): it computes what the torch method
+    computes, so a card made with either fits the other; its folder is recorded, not compared."""
     hparams = _canonical(description.get("hparams") or {})
+    if description.get("model"):
+        sources = description.get("sources") or {}
+        backbone, checkpoint_source = sources.get("backbone") or {}, sources.get("checkpoint") or {}
+        return {"method": description["method"], "image_size": hparams.get("image_size"),
+                "hparams": hparams, "ablate": sorted(description.get("ablate") or []),
+                "class_name": description.get("class_name"),
+                "backbone": backbone.get("key") or backbone.get("source") or backbone.get("path"),
+                "backbone_sha256": backbone.get("sha256"), "checkpoint": checkpoint_source.get("path"),
+                "checkpoint_sha256": checkpoint_source.get("sha256"), "model": description["model"]}
     checkpoint = description.get("checkpoint")
     return {"method": description["method"], "image_size": hparams.get("image_size"), "hparams": hparams,
             "ablate": sorted(description.get("ablate") or []), "class_name": description.get("class_name"),

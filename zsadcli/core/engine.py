@@ -18,6 +18,7 @@ from zsadcli.core import distributed, hub
 from zsadcli.core.backbone import check_input_size, load_backbone, peek_patch_size
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
+from zsadcli.core.runtime import Runner, as_runner
 from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
 from zsadcli.errors import BadInput, ZsadError
 
@@ -46,11 +47,13 @@ class MethodSpec:
     require_weights: bool = True  # False only when training from scratch
     class_name: str | None = None  # fixed object name for class-aware prompts (else per dataset class)
     allow_pickle: bool = False  # UNSAFE: whole-object pickles (BSR-CLIP's authors' files)
+    model: str | None = None  # an exported model folder: it replaces everything above (core/runtime.py)
+    runtime_precision: str | None = None  # its runtime's precision (None: the folder's default)
 
 
 @dataclass
 class BuiltMethod:
-    method: Method
+    method: Method | Runner  # a Runner (core/runtime.py) for an exported model
     description: dict[str, Any]
 
 
@@ -78,6 +81,11 @@ def _shared_backbone(source: str, quick_gelu: bool, device: torch.device, dtype:
 
 
 def build_method(spec: MethodSpec) -> BuiltMethod:
+    if spec.model:
+        from zsadcli.core.runtime import load_exported
+
+        runner = load_exported(spec.model, spec.runtime_precision)
+        return BuiltMethod(runner, runner.description)
     cls = get_method(spec.method)
     checkpoint = None
     if spec.checkpoint:
@@ -234,12 +242,13 @@ def make_loader(dataset, *, batch_size: int, workers: int | None, device: torch.
 
 
 @torch.no_grad()
-def predict_paths(method: Method, paths: list[Path], batch_size: int = 1, workers: int | None = 0
+def predict_paths(method: Method | Runner, paths: list[Path], batch_size: int = 1, workers: int | None = 0
                   ) -> Iterator[Prediction]:
-    """Score images. Every image is decoded once up front, so a bad file stops the run (exit 2)
-    before any output is written; images are decoded again batch by batch to keep memory flat.
-    Under torchrun each rank scores its own share of whole batches (``Prediction.index`` says where
-    each one stands in ``paths``)."""
+    """Score images (with a torch Method or an exported model's Runner). Every image is decoded once
+    up front, so a bad file stops the run (exit 2) before any output is written; images are decoded
+    again batch by batch to keep memory flat. Under torchrun each rank scores its own share of whole
+    batches (``Prediction.index`` says where each one stands in ``paths``)."""
+    runner = as_runner(method)
     share = distributed.shard_range(len(paths), batch_size)
 
     def check_share() -> None:
@@ -247,41 +256,40 @@ def predict_paths(method: Method, paths: list[Path], batch_size: int = 1, worker
             open_image(paths[index])
 
     distributed.agree(check_share)
-    device = next(method.parameters()).device
-    loader = make_loader(_ImageFiles(paths, share, method.preprocess), batch_size=batch_size, workers=workers,
-                         device=device, collate_fn=_collate_images)
+    loader = make_loader(_ImageFiles(paths, share, runner.preprocess), batch_size=batch_size, workers=workers,
+                         device=runner.device, collate_fn=_collate_images)
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=len(paths), info="")
         for indices, images, batch in loader:
-            out = method(batch.to(device, non_blocking=True))
+            out = runner.run(batch)
             for offset, (index, img) in enumerate(zip(indices, images)):
                 yield Prediction(paths[index], img, float(out.image_score[offset]),
                                  out.anomaly_map[offset].float().cpu().numpy(), index)
             bar.advance(task, len(indices) * distributed.world().world_size)  # rank 0's pace, for all ranks
 
 
-def run_batches(method: Method, loader: DataLoader, description: str, total: int | None = None
+def run_batches(method: Method | Runner, loader: DataLoader, description: str, total: int | None = None
                 ) -> Iterator[tuple[dict, MethodOutput]]:
     """``total``: the items of the whole job when ``loader`` holds this rank's share (progress is
     rank 0's pace times the world size; only rank 0 shows it)."""
-    device = next(method.parameters()).device
+    runner = as_runner(method)
     pace = distributed.world().world_size if total is not None else 1
     with progress_bar() as bar:
         task = bar.add_task(esc(description), total=total if total is not None else len(loader.dataset),
                             info="")  # class names: no markup
         for batch in loader:
-            yield batch, method(batch["image"].to(device, non_blocking=True))
+            yield batch, runner.run(batch["image"])
             bar.advance(task, len(batch["label"]) * pace)
 
 
 @torch.no_grad()
-def score_items(method: Method, dataset, *, batch_size: int, workers: int | None, description: str
+def score_items(method: Method | Runner, dataset, *, batch_size: int, workers: int | None, description: str
                 ) -> dict[str, torch.Tensor] | None:
     """Score every item of ``dataset`` (one class): {"scores", "labels", "maps", "masks"} in item
     order, on the host. Under torchrun each rank scores its share of whole batches and rank 0
     receives everything (other ranks get None); a ZsadError on any rank ends every rank."""
     share = distributed.shard_range(len(dataset), batch_size)
-    device = next(method.parameters()).device
+    device = as_runner(method).device
 
     def score_share() -> dict[str, torch.Tensor]:
         loader = make_loader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, workers=workers,

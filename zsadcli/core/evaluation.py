@@ -13,6 +13,7 @@ from zsadcli.core import distributed, metrics
 from zsadcli.core.engine import score_items
 from zsadcli.core.methods import Method
 from zsadcli.core.report_data import ReportCollector
+from zsadcli.core.runtime import Runner, as_runner
 from zsadcli.data.dataset import MetaDataset
 from zsadcli.data.meta import Meta
 from zsadcli.data.validate import split_notes
@@ -76,11 +77,11 @@ def _decision_columns(decision: dict[str, Any] | None) -> dict[str, Any]:
             for k, v in values.items() if isinstance(v, float)}
 
 
-def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: Meta, *, batch_size: int = 1,
-                     aupro_variant: str = "exact", classes: list[str] | None = None,
+def evaluate_dataset(method: Method | Runner, name: str, root: str | os.PathLike, meta: Meta, *,
+                     batch_size: int = 1, aupro_variant: str = "exact", classes: list[str] | None = None,
                      class_name: str | None = None, class_hook: ClassHook | None = None,
                      report: ReportCollector | None = None, workers: int | None = 0, store=None) -> DatasetResult:
-    """``class_name`` fixes the object name of class-aware prompts; by default each class's own.
+    """``method``: a torch Method or an exported model's Runner. ``class_name`` fixes the object name of class-aware prompts; by default each class's own.
     ``class_hook(cls, ClassScores)`` sees each class's scores and maps; its dict joins the class's entry.
     ``report`` collects, per class, what a report of this run needs (curves, scores, thumbnails).
     ``store`` (resumable.ClassResults): finished classes are read from it and new ones saved to it
@@ -88,6 +89,7 @@ def evaluate_dataset(method: Method, name: str, root: str | os.PathLike, meta: M
     Under torchrun every rank scores a share of each class, rank 0 computes the metrics and every
     rank returns rank 0's result."""
     result = DatasetResult(name, aupro_variant)
+    method = as_runner(method)
     method.set_dataset(name)
     undefined: dict[str, list[str]] = {"image": [], "pixel": []}
     finished = store.finished(name) if store is not None else {}

@@ -35,6 +35,10 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> 
     """
     if sigma <= 0:
         return maps
+    from zsadcli.core.graph import capturing
+
+    if capturing():  # an exported graph: float32 convolutions (runtimes lack float64 ones)
+        return gaussian_smooth_torch(maps, sigma, truncate, compute_dtype=torch.float32)
     if maps.device.type == "cpu":
         from scipy.ndimage import gaussian_filter
 
@@ -44,12 +48,13 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> 
     return gaussian_smooth_torch(maps, sigma, truncate)
 
 
-def gaussian_smooth_torch(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """The same blur as separable float64 convolutions on the maps' device."""
-    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device).view(1, 1, -1)
+def gaussian_smooth_torch(maps: torch.Tensor, sigma: float, truncate: float = 4.0,
+                          compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The same blur as separable convolutions (float64 unless told) on the maps' device."""
+    kernel = gaussian_kernel1d(sigma, truncate).to(device=maps.device, dtype=compute_dtype).view(1, 1, -1)
     radius = (kernel.numel() - 1) // 2
     batch, height, width = maps.shape
-    x = maps.detach().double()[:, _reflect_index(height, radius, maps.device)]
+    x = maps.detach().to(compute_dtype)[:, _reflect_index(height, radius, maps.device)]
     x = F.conv1d(x.transpose(1, 2).reshape(-1, 1, x.shape[1]), kernel)  # along rows
     x = x.reshape(batch, width, height).transpose(1, 2)[:, :, _reflect_index(width, radius, maps.device)]
     x = F.conv1d(x.reshape(-1, 1, x.shape[2]), kernel)  # along columns

@@ -134,6 +134,18 @@ class AdaCLIP(Method):
                 "visa,clinicdb": "adaclip-trained-on-visa-clinicdb",
                 "all": "adaclip-trained-on-all"}
 
+    def export_blockers(self) -> list[str]:
+        # sklearn's k-means++ draws its start at random and Lloyd runs to a tolerance: no static graph
+        # equals it; a fixed-iteration tensor KMeans would move scores by as much as a seed change does
+        blockers = []
+        if self.hparams["hsf"]:
+            blockers.append("HSF's KMeans clustering of the top patches (sklearn, data-dependent iterations; "
+                            "--ablate no-hsf turns it off)")
+        if self.hparams["text_prompts"]:  # a Python list of per-image prompts fixes the batch size in a graph
+            blockers.append("the text re-encoded per image with its dynamic prompts (a per-image loop over class "
+                            "names; --ablate vision-only turns it off)")
+        return blockers
+
     @classmethod
     def protocol_train_on(cls, test_dataset: str) -> str | None:
         """The paper's protocol: the VisA + ClinicDB model tests MVTec AD and ColonDB, the
@@ -162,9 +174,10 @@ class AdaCLIP(Method):
         depth = self.backbone.vision_layers
         return layer if depth == 24 else max(1, round(layer * depth / 24))
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    @classmethod
+    def preprocess_image(cls, image: Image.Image, size: int) -> torch.Tensor:
         """RGB first, then the bicubic squash (the official loader converts on opening)."""
-        return clip_preprocess(image.convert("RGB"), self.input_size)
+        return clip_preprocess(image.convert("RGB"), size)
 
     # ------------------------------------------------------------------ prompts
     def _contexts(self, prompter: StaticPrompts, dynamic: torch.Tensor | None, batch: int) -> list[torch.Tensor]:

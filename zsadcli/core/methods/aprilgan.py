@@ -137,7 +137,9 @@ class AprilGAN(Method):
 
     def batch_text_features(self, batch: int) -> torch.Tensor:
         """(B, 2, E): per image its class's text features (training batches mix classes)."""
-        names = self.batch_class_names if self.batch_class_names is not None else [self.class_name] * batch
+        if self.batch_class_names is None:  # one class for the batch: expand (no per-image list; a graph keeps B free)
+            return self.class_text_features(self.class_name).unsqueeze(0).expand(batch, -1, -1)
+        names = self.batch_class_names
         if len(names) != batch:
             raise BadInput(f"{len(names)} class names for a batch of {batch} images.")
         return torch.stack([self.class_text_features(n) for n in names])

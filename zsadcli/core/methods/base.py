@@ -150,8 +150,14 @@ class Method(nn.Module):
         """A line for eval's notes when ``finalize_class_scores`` changes the scores; default: None."""
         return None
 
+    @classmethod
+    def preprocess_image(cls, image: Image.Image, size: int) -> torch.Tensor:
+        """(3, size, size) model input for ``image``; the one preprocessing function the torch path
+        and an exported model (which has no Method instance) share. Override this, not ``preprocess``."""
+        return clip_preprocess(image, size)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return clip_preprocess(image, self.hparams.get("image_size", self.image_size))
+        return self.preprocess_image(image, self.input_size)
 
     @property
     def input_size(self) -> int:
@@ -161,6 +167,11 @@ class Method(nn.Module):
     def map_range(self) -> tuple[float, float]:
         """The anomaly map's natural value range, for a fixed heatmap colour scale."""
         return (0.0, 1.0)
+
+    def export_blockers(self) -> list[str]:
+        """Parts of this configuration that cannot be one static graph (`zsad export` refuses
+        them, naming each); default: none. E.g. a step that needs a whole class's scores."""
+        return []
 
     def forward(self, images: torch.Tensor) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError

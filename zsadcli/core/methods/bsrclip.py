@@ -126,12 +126,15 @@ def background_calibration(logits: torch.Tensor, probs: torch.Tensor, *, beta0: 
     beta = (beta0 * (1.2 - 0.3 * ((compact - 3.0) / 7.0).clamp(0.0, 1.0))).clamp(0.45, 0.70)
     threshold = torch.quantile(probs, bg_quantile, dim=1, keepdim=True)
     anomalous = logits[..., 1]
-    bases = []
-    for row, keep in zip(anomalous, probs <= threshold):
-        background = row[keep]
-        bases.append(row.mean() if background.numel() < min_background
-                     else torch.quantile(background, base_quantile))
-    base = torch.stack(bases).view(-1, 1).clamp(min=0.0)
+    background = probs <= threshold
+    count = background.sum(dim=1, keepdim=True)
+    # torch.quantile of each row's background logits (linear interpolation between the sorted
+    # values at floor/ceil of q (n - 1)), for all rows at once: the other logits sort last as +inf
+    ranked = torch.where(background, anomalous, torch.full_like(anomalous, float("inf"))).sort(dim=1).values
+    rank = base_quantile * (count - 1).clamp(min=0).to(anomalous.dtype)
+    below, above = rank.floor().long(), rank.ceil().long()
+    quantile = torch.lerp(ranked.gather(1, below), ranked.gather(1, above), rank - below.to(rank.dtype))
+    base = torch.where(count < min_background, anomalous.mean(dim=1, keepdim=True), quantile).clamp(min=0.0)
     calibrated = torch.stack([logits[..., 0], anomalous - beta * base], dim=-1)
     return calibrated.softmax(dim=-1)[..., 1]
 

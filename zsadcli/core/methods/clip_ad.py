@@ -240,7 +240,9 @@ class ClipAD(Method):
 
     def batch_text_features(self, batch: int) -> torch.Tensor:
         """(B, 2, E): per image its class's vectors (training batches mix classes)."""
-        names = self.batch_class_names if self.batch_class_names is not None else [self.class_name] * batch
+        if self.batch_class_names is None:
+            return self.class_text_features(self.class_name)[None].expand(batch, -1, -1)
+        names = self.batch_class_names
         if len(names) != batch:
             raise BadInput(f"{len(names)} class names for a batch of {batch} images.")
         return torch.stack([self.class_text_features(n) for n in names])
@@ -286,6 +288,12 @@ class ClipAD(Method):
         if "no-smoothing" not in self.ablate:
             anomaly = gaussian_smooth(anomaly.detach(), self.sigma).to(anomaly.device)
         return MethodOutput(image_score=image_score, anomaly_map=anomaly)
+
+    def export_blockers(self) -> list[str]:
+        if self.hparams["transductive"]:
+            return ["the transductive image-score fusion (transductive=true) needs the scores of a whole test "
+                    "class, not one image"]
+        return []
 
     # ------------------------------------------------------------------ transductive fusion
     def finalize_class_scores(self, image_scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsadcli.core.attention import ALT_ATTENTIONS, DualPath, dual_block
+from zsadcli.core.graph import capturing
 from zsadcli.core.losses import dice_loss, focal_loss
 from zsadcli.core.methods import register_method
 from zsadcli.core.methods.base import Method, MethodOutput, TrainRecipe
@@ -126,6 +127,7 @@ class DinoFeatures(nn.Module):
             raise BadInput(f"{source} does not fit a DINOv2 ViT built from its own shapes: {str(exc)[:300]}") from None
         self.model = model.eval().requires_grad_(False)
         self.width = int(width)
+        self._position_cache: dict[tuple, torch.Tensor] = {}
         self.register_buffer("_clip_mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_clip_std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_imnet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -137,10 +139,41 @@ class DinoFeatures(nn.Module):
     def forward(self, clip_images: torch.Tensor) -> torch.Tensor:
         x = (clip_images * self._clip_std + self._clip_mean).clamp(0, 1)
         x = (x - self._imnet_mean) / self._imnet_std
-        tokens = self.model.forward_features(x.to(self.model.cls_token.dtype))  # final norm included
-        tokens = tokens[:, self.model.num_prefix_tokens:]
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        positions = self._positions(grid_h, grid_w)
+        if capturing():
+            tokens = self._features_with_positions(x.to(self.model.cls_token.dtype), positions)
+        else:
+            tokens = self.model.forward_features(x.to(self.model.cls_token.dtype))  # final norm included
+        tokens = tokens[:, self.model.num_prefix_tokens:]
         return tokens.reshape(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()  # as the hub returns it
+
+
+    def _positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The position grid timm resamples for this input size (bicubic, antialiased), computed
+        once per size: an exported graph takes it as a constant."""
+        pos = self.model.pos_embed
+        key = (grid_h, grid_w, pos.dtype, pos.device)
+        cache = self._position_cache
+        if key not in cache:
+            from timm.layers import resample_abs_pos_embed
+
+            with torch.no_grad():
+                cache.clear()
+                cache[key] = resample_abs_pos_embed(pos, new_size=[grid_h, grid_w],
+                                                    old_size=list(self.model.patch_embed.grid_size), num_prefix_tokens=0)
+        return cache[key]
+
+    def _features_with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` (no-embed-class layout: positions added to the patches, then
+        CLS and registers prepended) with ``positions`` given instead of resampled inside."""
+        model = self.model
+        x = model.patch_embed(x)  # (B, H, W, C) with dynamic_img_size
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) + positions
+        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), model.reg_token.expand(x.shape[0], -1, -1), x],
+                      dim=1)
+        x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
+        return model.norm(model.blocks(x))
 
 
 def read_dino_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -312,7 +345,7 @@ class Crane(Method):
         if hp["dattn_mean"] == "batch":
             mean = sim.mean()
         else:  # the mean of each image's own Gram matrix (= the official one at batch 1)
-            mean = torch.stack([s.mean() for s in sim]).view(batch, 1, 1)
+            mean = sim.mean(dim=(1, 2), keepdim=True)
         sim = (sim - mean * float(hp["dattn_beta"])) * float(hp["dattn_gamma"])
         negative = sim < 0
         # A row is fully masked only when beta * mean >= 1 (not even the diagonal survives); the
@@ -365,6 +398,13 @@ class Crane(Method):
         features = self.backbone.encode_text_embeddings(torch.cat(embeddings), torch.cat(eot), self._deep()).float()
         features = F.normalize(features, dim=-1)
         return features.view(2, batch, -1).transpose(0, 1)
+
+    def export_blockers(self) -> list[str]:
+        prob = float(self.hparams["context_prob_test"])
+        if 0 < prob < 1:
+            return [f"context-guided prompts drawn at random per call (context_prob_test={prob:g}); a graph "
+                    "needs 0 (static prompts) or 1 (always per image)"]
+        return []
 
     def text_features(self, image_embedding: torch.Tensor) -> torch.Tensor:
         prob = float(self.hparams["context_prob_train" if self.training else "context_prob_test"])

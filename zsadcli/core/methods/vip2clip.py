@@ -206,7 +206,7 @@ class ViP2CLIP(Method):
     def _encode_prompts(self, g: torch.Tensor, *, image_tokens: bool) -> torch.Tensor:
         prompts, eot = self.ica(g, image_tokens=image_tokens)
         features = self.backbone.encode_text_embeddings(prompts, eot).float()
-        return F.normalize(torch.stack(features.chunk(2), dim=1), dim=-1)
+        return F.normalize(features.unflatten(0, (2, -1)).transpose(0, 1), dim=-1)  # [normal, anomalous] per image
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MethodOutput:

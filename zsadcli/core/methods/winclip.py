@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from zsadcli.core.graph import capturing
 from zsadcli.core.methods import register_method
 from zsadcli.core.methods.base import Method, MethodOutput
 from zsadcli.data.images import OPENAI_MEAN, OPENAI_STD
@@ -141,10 +142,10 @@ class WinCLIP(Method):
         self._reference_cache: dict[tuple, dict] = {}
 
     # ------------------------------------------------------------------ preprocessing
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    @classmethod
+    def preprocess_image(cls, image: Image.Image, size: int) -> torch.Tensor:
         """anomalib's: RGB, uint8 -> float (x 1/255), antialiased bicubic resize of the float
         tensor (values may overshoot [0, 1], as there), CLIP mean/std."""
-        size = self.input_size
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
         if tensor.shape[-2:] != (size, size):
@@ -188,8 +189,8 @@ class WinCLIP(Method):
         batch, n_windows = embedded.shape[0], windows.shape[0]
         index = torch.cat([windows.new_zeros(n_windows, 1), windows + 1], dim=1)  # CLS first
         sequences = embedded[:, index].reshape(batch * n_windows, index.shape[1], -1)
-        chunk = int(self.hparams["window_chunk"]) or sequences.shape[0]
-        cls = torch.cat([self.run_tower(part)[:, 0] for part in sequences.split(chunk)])
+        chunk = 0 if capturing() else int(self.hparams["window_chunk"])  # a graph runs all windows at once
+        cls = torch.cat([self.run_tower(part)[:, 0] for part in (sequences.split(chunk) if chunk else (sequences,))])
         return (cls @ self.backbone.visual.proj).reshape(batch, n_windows, -1)
 
     def encode(self, images: torch.Tensor) -> dict[str, Any]:
