@@ -48,7 +48,8 @@ def calibrate(
     `zsad calibrate --train-on visa --on mvtec --data-root data --per-class --out card.json`.
     """
     from zsadcli.core import calibration
-    from zsadcli.core.engine import build_method, expand_inputs, predict_paths
+    from zsadcli.core.engine import build_method, predict_paths
+    from zsadcli.data.images import expand_inputs
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)
     if bool(normal) == bool(on):

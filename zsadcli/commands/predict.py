@@ -63,7 +63,8 @@ def predict(
     """
     from zsadcli.core import decisions
     from zsadcli.core.distributed import in_input_order, is_writer
-    from zsadcli.core.engine import build_method, expand_inputs, predict_paths
+    from zsadcli.core.engine import build_method, predict_paths
+    from zsadcli.data.images import expand_inputs
     from zsadcli.core.report import PredictGallery, require_report_extra
 
     opts = merge_options(ctx, device=device, precision=precision, json=json, quiet=quiet)

@@ -2,7 +2,6 @@
 checkpointing, seeding. The engine knows the Method contract, not method internals."""
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +18,7 @@ from zsadcli.core.backbone import check_input_size, load_backbone, peek_patch_si
 from zsadcli.core.checkpoints import LoadedCheckpoint, load_checkpoint
 from zsadcli.core.methods import Method, MethodOutput, get_method
 from zsadcli.core.runtime import Runner, as_runner
-from zsadcli.data.images import IMAGE_EXTENSIONS, open_image
+from zsadcli.data.images import open_image
 from zsadcli.errors import BadInput, ZsadError
 
 
@@ -138,29 +137,6 @@ def build_method(spec: MethodSpec) -> BuiltMethod:
 
 
 # ---------------------------------------------------------------------- inference
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order."""
-    paths: list[Path] = []
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise BadInput(f"folder {path} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            paths.extend(found)
-        elif path.exists():
-            paths.append(path)
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                           if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise BadInput(f"pattern {spec!r} matches no images.")
-            paths.extend(found)
-        else:
-            raise BadInput(f"image {path} does not exist.", hint="give image files, folders or glob patterns")
-    return paths
-
-
 @dataclass
 class Prediction:
     path: Path

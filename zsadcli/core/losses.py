@@ -65,3 +65,12 @@ class _BCEGradient(torch.autograd.Function):
     def backward(ctx, grad):
         probs, target = ctx.saved_tensors
         return grad * (probs - target) / ((1 - probs) * probs).clamp_min(1e-12), None
+
+
+def layered_focal_dice(prob_maps: list[torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over layers of focal(2-class probability maps) + dice(anomalous channel), the loss of
+    the linear-head methods (April-GAN, CLIP-AD SDP+); also the parts, for the training log."""
+    gt = masks.float()
+    focal = sum(focal_loss(p, gt) for p in prob_maps)
+    dice = sum(dice_loss(p[:, 1], gt) for p in prob_maps)
+    return focal + dice, {"focal": float(focal.detach()), "dice": float(dice.detach())}

@@ -18,6 +18,7 @@ prepare --check), which apply one rule set (README, "Image files"):
 """
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -178,3 +179,26 @@ def mask_to_tensor(mask: Image.Image, size: int, resample: str = "bilinear") -> 
     """A decoded mask image at the model size: binarise, resize, ``> 0.5`` (as ``load_mask``)."""
     resized = binarize_mask_image(mask).resize((size, size), _RESAMPLE[resample])
     return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0 > 0.5)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths, in order."""
+    paths: list[Path] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise BadInput(f"folder {path} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise BadInput(f"pattern {spec!r} matches no images.")
+            paths.extend(found)
+        else:
+            raise BadInput(f"image {path} does not exist.", hint="give image files, folders or glob patterns")
+    return paths

@@ -20,14 +20,13 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsadcli.core.losses import dice_loss, focal_loss
+from zsadcli.core.losses import layered_focal_dice
 from zsadcli.core.methods import register_method
 from zsadcli.core.methods.base import Method, MethodOutput, TrainRecipe
 from zsadcli.errors import BadInput
@@ -145,18 +144,6 @@ class AprilGAN(Method):
         return torch.stack([self.class_text_features(n) for n in names])
 
     # ------------------------------------------------------------------ few-shot memory
-    def reference_paths(self) -> list[Path]:
-        from zsadcli.core.engine import expand_inputs
-
-        root = Path(str(self.hparams["reference"])).expanduser()
-        per_class = root / self.class_name
-        folder = per_class if per_class.is_dir() else root  # DIR/<class>/ when eval walks several classes
-        if not folder.is_dir():
-            raise BadInput(f"--reference {root}: not a folder of normal images.")
-        paths = expand_inputs([str(folder)])
-        k = self.hparams["k_shot"]
-        return paths[:int(k)] if k else paths
-
     def reference_memory(self, device, dtype) -> list[torch.Tensor]:
         """Per tapped layer (M, C): the raw patch tokens of every reference image."""
         paths = self.reference_paths()
@@ -227,10 +214,7 @@ class AprilGAN(Method):
     # ------------------------------------------------------------------ training
     def loss(self, output: MethodOutput, masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Sum over the layers of focal(2-class probabilities) + dice(anomalous probability)."""
-        gt = masks.float()
-        focal = sum(focal_loss(p, gt) for p in output.extras["prob_maps"])
-        dice = sum(dice_loss(p[:, 1], gt) for p in output.extras["prob_maps"])
-        return focal + dice, {"focal": float(focal.detach()), "dice": float(dice.detach())}
+        return layered_focal_dice(output.extras["prob_maps"], masks)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

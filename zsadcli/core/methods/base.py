@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Mapping
 
 import torch
@@ -167,6 +168,23 @@ class Method(nn.Module):
     def map_range(self) -> tuple[float, float]:
         """The anomaly map's natural value range, for a fixed heatmap colour scale."""
         return (0.0, 1.0)
+
+    def reference_paths(self) -> list[Path]:
+        """Few-shot normal references (methods with ``reference`` and ``k_shot`` hyperparameters):
+        the images of ``--reference DIR``, or of DIR/<class>/ when eval walks several classes; the
+        first ``k_shot`` of them when it is set."""
+        from zsadcli.data.images import expand_inputs
+
+        root = Path(str(self.hparams["reference"])).expanduser()
+        per_class = root / self.class_name
+        folder = per_class if per_class.is_dir() else root
+        if not folder.is_dir():
+            from zsadcli.errors import BadInput
+
+            raise BadInput(f"--reference {root}: not a folder of normal images.")
+        paths = expand_inputs([str(folder)])
+        k = self.hparams["k_shot"]
+        return paths[:int(k)] if k else paths
 
     def export_blockers(self) -> list[str]:
         """Parts of this configuration that cannot be one static graph (`zsad export` refuses

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsadcli.core.attention import staged_surgery_forward
-from zsadcli.core.losses import dice_loss, focal_loss
+from zsadcli.core.losses import layered_focal_dice
 from zsadcli.core.methods import register_method
 from zsadcli.core.methods.base import Method, MethodOutput, TrainRecipe
 from zsadcli.core.postprocess import gaussian_smooth, upsample
@@ -392,10 +392,7 @@ class ClipADPlus(ClipAD):
 
     def loss(self, output: MethodOutput, masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Sum over layers of focal(2-class probabilities) + dice(anomalous probability)."""
-        gt = masks.float()
-        focal = sum(focal_loss(p, gt) for p in output.extras["prob_maps"])
-        dice = sum(dice_loss(p[:, 1], gt) for p in output.extras["prob_maps"])
-        return focal + dice, {"focal": float(focal.detach()), "dice": float(dice.detach())}
+        return layered_focal_dice(output.extras["prob_maps"], masks)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -21,7 +21,6 @@ open_clip it locks, 2.24) is the one users know, and this reproduces it:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,18 +201,6 @@ class WinCLIP(Method):
                 "grid": grid}
 
     # ------------------------------------------------------------------ few-shot memory
-    def reference_paths(self) -> list[Path]:
-        from zsadcli.core.engine import expand_inputs
-
-        root = Path(str(self.hparams["reference"])).expanduser()
-        per_class = root / self.class_name
-        folder = per_class if per_class.is_dir() else root  # DIR/<class>/ when eval walks several classes
-        if not folder.is_dir():
-            raise BadInput(f"--reference {root}: not a folder of normal images.")
-        paths = expand_inputs([str(folder)])
-        k = self.hparams["k_shot"]
-        return paths[:int(k)] if k else paths
-
     def reference_memory(self, size: int, device, dtype) -> dict | None:
         if not self.hparams["reference"]:
             return None
