@@ -22,10 +22,12 @@ def guard(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from zsadcli.core.distributed import is_writer
+        from zsadcli.core.distributed import finish, is_writer
 
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            finish()  # under torchrun: every rank leaves together
+            return result
         except ZsadError as exc:
             if is_writer():  # under torchrun every rank raises the same error; rank 0 says it once
                 exc.show()

@@ -90,6 +90,18 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """After a command succeeded on this rank: wait for every rank, then close the group. Without
+    the wait a rank that is done early (not the writer) tears its connections down while rank 0
+    still writes, and gloo may abort that rank at exit. A rank that fails instead makes torchrun
+    stop the waiting ones."""
+    if _group_started():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: torch.device) -> torch.device:
     """One process per device: under torchrun a CUDA run uses cuda:LOCAL_RANK whatever index was asked."""
     import torch
