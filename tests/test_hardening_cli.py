@@ -13,26 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from test_anomalyclip import authors_checkpoint
+from test_commands import checkpoint, runner  # noqa: F401 (shared module fixtures)
 from zsadcli.cli import app
-from zsadcli.data.meta import MetaItem, load_meta, write_meta
+from zsadcli.data.meta import MetaItem, write_meta
 from zsadcli.data.synthetic import generate_synthetic
 
 TINY = ["--backbone", "tiny-clip", "--image-size", "56", "--device", "cpu"]  # 4 x 4 patches: cheap
-
-
-@pytest.fixture(scope="module")
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_registry) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "epoch_15.pth"
-    torch.save(authors_checkpoint(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from test_anomalyclip import authors_checkpoint
+from test_commands import checkpoint, runner  # noqa: F401 (shared module fixtures)
 from zsadcli.cli import app
 
 TINY = ["--backbone", "tiny-clip", "--image-size", "56", "--device", "cpu"]
@@ -106,18 +104,6 @@ def decode_all(images: list[str]) -> list[tuple[str, object]]:
             assert root.tag.endswith("svg")
             decoded.append((mime, root))
     return decoded
-
-
-@pytest.fixture(scope="module")
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_registry) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "epoch_15.pth"
-    torch.save(authors_checkpoint(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
