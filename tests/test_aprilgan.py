@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from reference_aprilgan import aprilgan_reference, fused_few_shot_scores, reference_memory, training_loss
-from tinyclip import build_seeded_clip
+from tinyclip import build_seeded_clip, random_fc_heads
 from zsadcli.cli import app
 from zsadcli.core.checkpoints import save_checkpoint
 from zsadcli.core.engine import MethodSpec, build_method
@@ -40,12 +40,7 @@ def backbone_file(clip, tmp_path_factory):
 
 def authors_heads(width: int = 64, embed: int = 32, seed: int = 3) -> dict:
     """Heads in the official layout: {"trainable_linearlayer": {fc.i.weight, fc.i.bias}}."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(4):
-        state[f"fc.{i}.weight"] = torch.randn(embed, width, generator=gen) / width ** 0.5
-        state[f"fc.{i}.bias"] = 0.02 * torch.randn(embed, generator=gen)
-    return {"trainable_linearlayer": state}
+    return {"trainable_linearlayer": random_fc_heads(width, embed, seed)}
 
 
 @pytest.fixture(scope="module")

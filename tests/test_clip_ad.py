@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from reference_clip_ad import clip_ad_reference
+from tinyclip import random_fc_heads
 from zsadcli.cli import app
 from zsadcli.core.checkpoints import load_checkpoint, save_checkpoint
 from zsadcli.core.engine import MethodSpec, build_method
@@ -30,12 +31,7 @@ def images(synthetic_root):
 
 def authors_heads(seed: int = 3, width: int = 128, embed: int = 32) -> dict:
     """SDP+ heads in ByChelsea/CLIP-AD's layout: {"linear_layers": {fc.i.weight, fc.i.bias}}."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(4):
-        state[f"fc.{i}.weight"] = torch.randn(embed, width, generator=gen) / width ** 0.5
-        state[f"fc.{i}.bias"] = 0.02 * torch.randn(embed, generator=gen)
-    return {"linear_layers": state}
+    return {"linear_layers": random_fc_heads(width, embed, seed)}
 
 
 @pytest.fixture(scope="module")

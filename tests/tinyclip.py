@@ -51,6 +51,17 @@ def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone().contiguous() for k, v in build_tiny_open_clip(seed).state_dict().items()}
 
 
+def random_fc_heads(width: int, embed: int, seed: int, layers: int = 4) -> dict[str, torch.Tensor]:
+    """Trained-looking linear heads ``fc.{i}.weight`` (embed, width) / ``fc.{i}.bias`` (embed), the
+    layout April-GAN's and CLIP-AD's released heads share (each wraps it under its own key)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(layers):
+        state[f"fc.{i}.weight"] = torch.randn(embed, width, generator=gen) / width ** 0.5
+        state[f"fc.{i}.bias"] = 0.02 * torch.randn(embed, generator=gen)
+    return state
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
